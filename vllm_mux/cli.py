@@ -1,0 +1,137 @@
+"""The ``vllm-mux`` command: daemon, status, model, bench."""
+
+import argparse
+import json
+import logging
+import re
+import signal
+import sys
+import threading
+import time
+
+from vllm_mux.daemon import default_socket
+from vllm_mux.memory import DEFAULT_CHUNK_SIZE
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'8GiB', '512M', '1.5g' or a plain number of bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8GiB or 512MiB)")
+    return int(float(m[1]) * _UNITS[m[2]])
+
+
+def _daemon(args) -> int:
+    from vllm_mux.daemon.server import Daemon
+    from vllm_mux.memory import backend
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s vllm-mux daemon: %(message)s")
+    daemon = Daemon(
+        backend(args.device), args.device, args.device_memory, args.chunk_size, args.socket
+    )
+    daemon.listen()
+
+    def stop(signum, frame):
+        daemon.shutdown()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.info(
+        "pool of %d chunks of %d MiB on %s, listening at %s",
+        daemon.pool.total,
+        args.chunk_size >> 20,
+        args.device,
+        args.socket,
+    )
+    serving = threading.Thread(target=daemon.serve_forever)
+    serving.start()
+    while serving.is_alive():
+        serving.join(0.5)  # the main thread stays free for signals
+    return 0
+
+
+def _status(args) -> int:
+    from vllm_mux.daemon.client import Client, DaemonError
+
+    try:
+        client = Client(args.socket)
+        status = client.status()
+        client.close()
+    except DaemonError as e:
+        print(f"vllm-mux: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    size = status["chunk_size"]
+    total, free = status["total_chunks"], status["free_chunks"]
+    print(
+        f"device {status['device']}: {_gib(total * size)} in {total} chunks of "
+        f"{size >> 20} MiB, {_gib(free * size)} free"
+    )
+    print(f"{'ID':>3}  {'PID':>7}  {'MODEL':<24} {'STATE':<12} {'CHUNKS':>6} {'MEMORY':>10}  LAST ACTIVE")
+    now = time.time()
+    for i in status["instances"]:
+        ago = f"{now - i['last_active']:.0f} s ago"
+        print(
+            f"{i['id']:>3}  {i['pid']:>7}  {i['model']:<24} {i['state']:<12} "
+            f"{i['chunks']:>6} {_gib(i['bytes']):>10}  {ago}"
+        )
+    return 0
+
+
+def _model_path(args) -> int:
+    from vllm_mux.models import model_path
+
+    print(model_path(args.name))
+    return 0
+
+
+def _bench(args) -> int:
+    from vllm_mux.bench import switch
+
+    return switch(args)
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-mux", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("daemon", help="own a device's memory and lease it to vLLM instances")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device-memory", type=parse_size, required=True, help="pool size, e.g. 8GiB")
+    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument("--socket", default=default_socket(), help="default: $VLLM_MUX_SOCKET")
+    p.set_defaults(run=_daemon)
+
+    p = sub.add_parser("status", help="the daemon's pool and instances")
+    p.add_argument("--socket", default=default_socket())
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_status)
+
+    p = sub.add_parser("model", help="bundled models")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    mp = msub.add_parser("path", help="print (and make, once) a bundled model's directory")
+    mp.add_argument("name", nargs="?", default="smollm2")
+    mp.set_defaults(run=_model_path)
+
+    p = sub.add_parser("bench", help="measurements")
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    bp = bsub.add_parser("switch", help="sleep, wake and time-to-first-token of a real instance")
+    bp.add_argument("--model", default="smollm2", help="a bundled model name or a directory")
+    bp.add_argument("--cycles", type=int, default=10)
+    bp.add_argument("--output", help="also write the results as JSON here")
+    bp.set_defaults(run=_bench)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

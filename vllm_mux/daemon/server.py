@@ -1,0 +1,245 @@
+"""The daemon's server: one Unix socket, one thread per connected process.
+
+It creates the pool once and never maps a chunk itself; it hands chunks out
+as fds and keeps the books. A process that disconnects while holding chunks
+may still have them mapped, so its chunks come back only once the process is
+gone (watched through a pidfd), never earlier: a chunk is mapped by at most
+one instance at a time, and the daemon always knows which.
+"""
+
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vllm_mux.daemon import protocol
+from vllm_mux.daemon.pool import Pool, PoolError
+
+log = logging.getLogger("vllm_mux.daemon")
+
+STATES = ("starting", "awake", "sleeping", "asleep", "waking")
+
+
+@dataclass
+class Instance:
+    """One connected vLLM instance, as the daemon knows it: a pid and a name."""
+
+    id: int
+    pid: int
+    model: str
+    pidfd: int
+    state: str = "starting"
+    connected: bool = True
+    last_active: float = field(default_factory=time.time)
+    wakes: int = 0
+    sleeps: int = 0
+    last_wake: dict = field(default_factory=dict)  # timings the instance measured
+
+
+class Daemon:
+    def __init__(
+        self, backend, device: str, device_memory: int, chunk_size: int, socket_path: str
+    ):
+        n = device_memory // chunk_size
+        if n < 1:
+            raise ValueError(
+                f"--device-memory {device_memory} is smaller than one chunk ({chunk_size})"
+            )
+        if chunk_size % backend.granularity:
+            raise ValueError(
+                f"chunk size {chunk_size} is not a multiple of the device's granularity "
+                f"{backend.granularity}"
+            )
+        self.backend = backend
+        self.device = device
+        self.socket_path = socket_path
+        self.chunks = [backend.create(chunk_size) for _ in range(n)]
+        self.pool = Pool(n, chunk_size)
+        self.instances: dict[int, Instance] = {}
+        self.lock = threading.Lock()
+        self._next_id = 1
+        self._listener: socket.socket | None = None
+
+    # -- lifecycle --
+
+    def listen(self) -> None:
+        if os.path.exists(self.socket_path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(self.socket_path)
+            except OSError:
+                os.unlink(self.socket_path)  # left behind by a daemon that died
+            else:
+                probe.close()
+                raise RuntimeError(f"a daemon is already listening at {self.socket_path}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old = os.umask(0o177)  # the socket is 0600 from the moment it exists
+        try:
+            sock.bind(self.socket_path)
+        finally:
+            os.umask(old)
+        sock.listen(64)
+        self._listener = sock
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.listen()
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed by shutdown()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def shutdown(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if os.path.exists(self.socket_path):
+                os.unlink(self.socket_path)
+
+    # -- one connection --
+
+    def _serve(self, conn: socket.socket) -> None:
+        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid not in (os.geteuid(), 0):
+            protocol.send(conn, {"ok": False, "error": f"uid {uid} may not use this daemon"})
+            conn.close()
+            return
+        me: Instance | None = None
+        try:
+            while True:
+                try:
+                    message, fds = protocol.recv(conn)
+                except protocol.ProtocolError as e:
+                    protocol.send(conn, {"ok": False, "error": str(e)})
+                    continue
+                if message is None:
+                    return
+                for fd in fds:  # nothing a client sends us carries fds
+                    os.close(fd)
+                try:
+                    reply, out_fds, me = self._handle(message, pid, me)
+                except (PoolError, ValueError, KeyError, TypeError) as e:
+                    reply, out_fds = {"ok": False, "error": str(e)}, []
+                protocol.send(conn, reply, out_fds)
+        except OSError as e:
+            log.info("connection of pid %d broke: %s", pid, e)
+        finally:
+            conn.close()
+            if me is not None:
+                self._disconnected(me)
+
+    def _handle(self, message: dict, pid: int, me: Instance | None):
+        op = message.get("op")
+        if op == "hello":
+            if me is not None:
+                raise ValueError("hello was already said on this connection")
+            if message.get("role") != "instance":
+                return self._ok(), [], None
+            model = message.get("model")
+            if not isinstance(model, str) or not model:
+                raise ValueError("hello from an instance names its model")
+            with self.lock:
+                me = Instance(self._next_id, pid, model, os.pidfd_open(pid))
+                self._next_id += 1
+                self.instances[me.id] = me
+            log.info("instance %d (pid %d) registered for model %s", me.id, pid, model)
+            return (
+                self._ok(
+                    instance=me.id,
+                    device=self.device,
+                    chunk_size=self.pool.chunk_size,
+                    total_chunks=self.pool.total,
+                ),
+                [],
+                me,
+            )
+        if op == "status":
+            return self.status(), [], me
+        if me is None:
+            raise ValueError(f"op {op!r} needs a hello from an instance first")
+        if op == "lease":
+            n = message.get("chunks")
+            if not isinstance(n, int) or isinstance(n, bool):
+                raise ValueError("lease names a whole number of chunks")
+            with self.lock:
+                ids = self.pool.lease(me.id, n)
+                me.last_active = time.time()
+            return self._ok(ids=ids), [self.backend.export(self.chunks[i]) for i in ids], me
+        if op == "release":
+            ids = message.get("ids")
+            if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+                raise ValueError("release names a list of chunk ids")
+            with self.lock:
+                self.pool.release(me.id, ids)
+            return self._ok(), [], me
+        if op == "state":
+            state = message.get("state")
+            if state not in STATES:
+                raise ValueError(f"state is one of {', '.join(STATES)}, not {state!r}")
+            with self.lock:
+                if state == "asleep" and self.pool.held_by(me.id):
+                    raise ValueError("an instance that holds chunks is not asleep")
+                me.wakes += state == "awake" and me.state == "waking"
+                me.sleeps += state == "asleep"
+                me.state = state
+                me.last_active = time.time()
+                if state == "awake" and isinstance(message.get("wake"), dict):
+                    me.last_wake = message["wake"]
+            return self._ok(), [], me
+        raise ValueError(f"unknown op {op!r}")
+
+    def _ok(self, **fields) -> dict:
+        return {"ok": True, **fields}
+
+    def _disconnected(self, me: Instance) -> None:
+        """Take the chunks back once the process is gone, not before."""
+        with self.lock:
+            me.connected = False
+            holds = bool(self.pool.held_by(me.id))
+        if holds:
+            log.warning("instance %d (pid %d) left holding chunks; waiting for it to exit", me.id, me.pid)
+            select.select([me.pidfd], [], [])  # readable once the process has exited
+        with self.lock:
+            returned = self.pool.release_all(me.id)
+            del self.instances[me.id]
+        os.close(me.pidfd)
+        if returned:
+            log.warning("instance %d exited; %d chunks back in the pool", me.id, len(returned))
+
+    # -- the books, for `vllm-mux status` and tests --
+
+    def status(self) -> dict:
+        with self.lock:
+            size = self.pool.chunk_size
+            instances = []
+            for inst in self.instances.values():
+                held = len(self.pool.held_by(inst.id))
+                instances.append(
+                    {
+                        "id": inst.id,
+                        "pid": inst.pid,
+                        "model": inst.model,
+                        "state": inst.state if inst.connected else "disconnected",
+                        "chunks": held,
+                        "bytes": held * size,
+                        "last_active": inst.last_active,
+                        "wakes": inst.wakes,
+                        "sleeps": inst.sleeps,
+                        "last_wake": inst.last_wake,
+                    }
+                )
+            return self._ok(
+                device=self.device,
+                chunk_size=size,
+                total_chunks=self.pool.total,
+                free_chunks=len(self.pool.free),
+                leased_chunks=self.pool.leased,
+                balanced=self.pool.balanced(),
+                instances=instances,
+            )
