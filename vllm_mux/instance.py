@@ -67,7 +67,10 @@ class Instance:
             dst = self.weights.alloc(nbytes).view(t.dtype).as_strided(t.shape, t.stride())
             dst.copy_(t)
             t.data = dst
-        self.host = self.weights.view().clone()
+        used = self.weights.view()
+        pinned = self.backend.device_type != "cpu"  # page-locked for full-speed DMA
+        self.host = torch.empty(used.numel(), dtype=torch.uint8, pin_memory=pinned)
+        self.host.copy_(used)
         self._measure_plain_copy()
         self.client.set_state("awake")
         log.info("%d tensors, %d bytes of weights in leased memory", len(tensors), self.weights.used)

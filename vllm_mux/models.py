@@ -86,7 +86,8 @@ def _convert(gguf: Path, out: Path) -> None:
     ``from_pretrained(gguf_file=...)`` because that path demands ``accelerate``,
     which nothing else needs. Key mismatches are an error so that a partly
     random model is never cached. The chat template goes into
-    tokenizer_config.json, where every tokenizer loader looks for it.
+    tokenizer_config.json rather than transformers 5's separate
+    chat_template.jinja, so older loaders find it too.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

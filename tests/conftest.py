@@ -1,0 +1,162 @@
+"""Shared fixtures: the bundled model, a daemon, vLLM servers, the books."""
+
+import httpx
+import pytest
+
+from vllm_mux.daemon.client import Client
+from vllm_mux.launch import VllmServer, start_daemon
+
+# What every test instance runs with on this CPU: float32 (bf16 gives garbage
+# here), eager mode (36 s start instead of 210 s), a small bounded KV cache.
+SERVER_ARGS = [
+    "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
+    "--kv-cache-memory-bytes", "256M", "--max-num-seqs", "16",
+]  # fmt: skip
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 12?",
+    "Name a famous painting by Leonardo da Vinci.",
+    "Explain photosynthesis in one sentence.",
+    "What colour is the sky on a clear day?",
+]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from vllm_mux.models import model_path
+
+    return str(model_path("smollm2"))
+
+
+class Daemon:
+    def __init__(self, tmp_path, device_memory: str):
+        self.socket = str(tmp_path / "mux.sock")
+        self.process = start_daemon(self.socket, device_memory, tmp_path / "daemon.log")
+
+    def status(self) -> dict:
+        client = Client(self.socket)
+        try:
+            return client.status()
+        finally:
+            client.close()
+
+    def instance(self, model: str) -> dict:
+        (found,) = [i for i in self.status()["instances"] if i["model"] == model]
+        return found
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def assert_books_balance(status: dict) -> None:
+    """The one invariant: leased + free = total, a sleeping instance holds nothing."""
+    assert status["balanced"]
+    held = sum(i["chunks"] for i in status["instances"])
+    assert status["leased_chunks"] == held
+    assert status["leased_chunks"] + status["free_chunks"] == status["total_chunks"]
+    for i in status["instances"]:
+        if i["state"] == "asleep":
+            assert i["chunks"] == 0, i
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    yield from _daemons(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_daemon_factory(tmp_path_factory):
+    yield from _daemons(tmp_path_factory.mktemp("daemon"))
+
+
+def _daemons(tmp_path):
+    started = []
+
+    def start(device_memory: str = "2GiB") -> Daemon:
+        d = Daemon(tmp_path, device_memory)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    yield from _servers(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_server_factory(tmp_path_factory):
+    yield from _servers(tmp_path_factory.mktemp("vllm"))
+
+
+def _servers(tmp_path):
+    started = []
+
+    def start(model: str, name: str = "smol", socket_path=None, args=(), wait=True, env=None):
+        s = VllmServer(
+            model,
+            tmp_path / f"vllm-{name}-{len(started)}.log",
+            name=name,
+            socket_path=socket_path,
+            args=[*SERVER_ARGS, *args],
+            env=env,
+        )
+        started.append(s)
+        return s.wait_ready() if wait else s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def greedy(server: VllmServer, prompt: str, max_tokens: int = 24) -> str:
+    body = {
+        "model": server.name,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    r.raise_for_status()
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def process_tree(pid: int) -> list[int]:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root.pid, *(p.pid for p in root.children(recursive=True))]
+
+
+def worker_pid(server: VllmServer, daemon: Daemon) -> int:
+    """The instance process the daemon sees: vLLM's worker, under the server."""
+    pid = daemon.instance(server.name)["pid"]
+    assert pid in process_tree(server.pid)
+    return pid
+
+
+def mapped_ranges(pid: int) -> list[tuple[int, int, str, str]]:
+    """(start, end, perms, path) of every mapping of a process."""
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            out.append((start, end, fields[1], fields[5] if len(fields) > 5 else ""))
+    return out
+
+
+def shmem_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssShmem line")
+

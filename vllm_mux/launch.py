@@ -1,0 +1,133 @@
+"""Start and stop the processes vllm-mux is made of: a daemon, vLLM servers.
+
+Used by ``vllm-mux bench`` and the tests; each process gets its own session so
+that stopping it stops everything it spawned (vLLM's engine and workers).
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """A child process in its own session, logging to a file."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict | None = None):
+        self.argv, self.log_path = argv, Path(log)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self, tail: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM the whole session, then SIGKILL what is left."""
+        if self.alive():
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def start_daemon(socket_path: str, device_memory: str, log: Path, device: str = "cpu") -> Process:
+    argv = [sys.executable, "-m", "vllm_mux.cli", "daemon", "--device", device]
+    argv += ["--device-memory", device_memory, "--socket", socket_path]
+    daemon = Process(argv, log)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(socket_path):
+        if not daemon.alive() or time.monotonic() > deadline:
+            daemon.stop()
+            raise RuntimeError(f"the daemon did not start:\n{daemon.log()}")
+        time.sleep(0.05)
+    return daemon
+
+
+class VllmServer(Process):
+    """vLLM's OpenAI server, started the way users start it on this platform."""
+
+    def __init__(
+        self,
+        model: str,
+        log: Path,
+        *,
+        name: str = "model",
+        socket_path: str | None = None,
+        args: list[str] = (),
+        env: dict | None = None,
+    ):
+        self.port = free_port()
+        self.name = name
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        argv += ["--served-model-name", name, "--port", str(self.port), *args]
+        env = {"VLLM_SERVER_DEV_MODE": "1", **(env or {})}
+        if socket_path:
+            env["VLLM_MUX_SOCKET"] = socket_path
+        else:
+            env["VLLM_MUX_SOCKET"] = ""  # plain vLLM, even inside a configured shell
+        super().__init__(argv, log, env)
+
+    def wait_ready(self, timeout: float = 300) -> "VllmServer":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"vLLM not ready after {timeout} s:\n{self.log()}")
+
+    def post(self, path: str, timeout: float = 120, **kwargs) -> httpx.Response:
+        response = httpx.post(f"{self.url}{path}", timeout=timeout, **kwargs)
+        response.raise_for_status()
+        return response
+
+    def sleep(self) -> None:
+        self.post("/sleep", params={"level": 1})
+
+    def wake_up(self) -> None:
+        self.post("/wake_up")
+
+    def worker_rpc(self, method: str):
+        """Call a worker method through vLLM's dev-mode ``/collective_rpc``."""
+        return self.post("/collective_rpc", json={"method": method}).json()["results"][0]
