@@ -159,4 +159,3 @@ def shmem_rss(pid: int) -> int:
             if line.startswith("RssShmem:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no RssShmem line")
-

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 
@@ -95,16 +94,8 @@ class LiveDaemon:
     def stop(self) -> None:
         for c in self.clients:
             c.close()
-        listener = self.daemon._listener
-        if listener is not None:
-            # Wake the accept() in serve_forever (see test_serve_forever_returns_after_shutdown):
-            # close() alone does not on Linux, and the thread would linger.
-            try:
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         self.daemon.shutdown()
-        self.thread.join(2)
+        self.thread.join(2)  # a daemon thread: a hang here is caught by its own test
 
 
 @pytest.fixture
@@ -367,6 +358,13 @@ def test_listen_does_not_delete_a_file_that_is_not_a_socket(sock_path):
         assert f.read() == "precious"
 
 
+def test_zero_chunk_size_refused(sock_path):
+    """BUG: Daemon.__init__ (server.py) divides by chunk_size before checking it:
+    `vllm-mux daemon --chunk-size 0` dies with ZeroDivisionError, not a message."""
+    with pytest.raises(ValueError):
+        Daemon(Backend(), "cpu", 4 * CS, 0, sock_path)
+
+
 def test_serve_forever_returns_after_shutdown(sock_path):
     """shutdown() from another thread ends serve_forever.
 
@@ -379,12 +377,14 @@ def test_serve_forever_returns_after_shutdown(sock_path):
     t = threading.Thread(target=d.serve_forever, daemon=True)
     t.start()
     time.sleep(0.1)  # let it block in accept()
-    listener = d._listener
+    spare = d._listener.dup()  # the same listening socket, to free the thread if need be
     d.shutdown()
     t.join(3)
     alive = t.is_alive()
     if alive:  # don't leave the thread behind
-        listener.shutdown(socket.SHUT_RDWR)
+        spare.shutdown(socket.SHUT_RDWR)
+        t.join(2)
+    spare.close()
     for c in d.chunks:
         os.close(c.fd)
     assert not os.path.exists(sock_path)
@@ -526,13 +526,78 @@ def test_non_integer_nfds_gets_an_error_and_the_connection_lives(live):
     the daemon drops the connection without a reply instead of answering an error."""
     d = live()
     s = raw(d.path)
-    s.send(b'{"op": "status", "nfds": "x"}')
-    reply, _ = protocol.recv(s)
-    assert reply is not None, "the daemon closed the connection"
-    assert reply["ok"] is False
-    reply, _ = call(s, {"op": "status"})
-    assert reply["ok"] is True
-    s.close()
+    try:
+        s.send(b'{"op": "status", "nfds": "x"}')
+        reply, _ = protocol.recv(s)
+        assert reply is not None, "the daemon closed the connection"
+        assert reply["ok"] is False
+        reply, _ = call(s, {"op": "status"})
+        assert reply["ok"] is True
+    finally:
+        s.close()
+
+
+def test_fds_a_client_sends_are_closed(live):
+    """Nothing a client sends carries fds; the daemon must not keep them."""
+    d = live()
+    s = raw(d.path)
+    r, w = os.pipe()
+    try:
+        socket.send_fds(s, [b'{"op": "status"}'], [w])
+        os.close(w)
+        reply, fds = protocol.recv(s)
+        assert reply["ok"] is True and fds == []
+        os.set_blocking(r, False)
+        assert os.read(r, 1) == b"", "the daemon still holds the pipe's write end"
+    finally:
+        os.close(r)
+        s.close()
+
+
+def test_concurrent_leases_never_share_a_chunk(live):
+    total = 12
+    d = live(chunks=total)
+    holding: dict[int, int] = {}  # chunk id -> client number, as the clients see it
+    guard = threading.Lock()
+    errors: list[str] = []
+
+    def work(k: int) -> None:
+        c = Client(d.path, timeout=10)
+        try:
+            c.hello(f"m{k}")
+            rng = random.Random(k)
+            for _ in range(40):
+                try:
+                    ids, fds = c.lease(rng.randint(1, 4))
+                except DaemonError as e:
+                    if "free" not in str(e):
+                        errors.append(str(e))
+                    continue
+                close_fds(fds)
+                with guard:
+                    for i in ids:
+                        if i in holding:
+                            errors.append(f"chunk {i} granted to {k} while {holding[i]} holds it")
+                        holding[i] = k
+                time.sleep(0.001)  # hold them a moment, as an instance would
+                with guard:
+                    for i in ids:
+                        del holding[i]
+                c.release(ids)
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors[:5]
+    st = wait_for(lambda: (s := d.status())["instances"] == [] and s)
+    assert st and st["free_chunks"] == total
+    assert_balanced(st)
 
 
 def test_unknown_op(live):
@@ -895,8 +960,16 @@ def test_cli_daemon_serves_and_exits_on_sigterm(sock_path):
     """
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "vllm_mux.cli", "daemon",
-            "--device-memory", "1MiB", "--chunk-size", "64KiB", "--socket", sock_path,
+            sys.executable,
+            "-m",
+            "vllm_mux.cli",
+            "daemon",
+            "--device-memory",
+            "1MiB",
+            "--chunk-size",
+            "64KiB",
+            "--socket",
+            sock_path,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -913,8 +986,9 @@ def test_cli_daemon_serves_and_exits_on_sigterm(sock_path):
         assert st["total_chunks"] == 16 and st["chunk_size"] == 64 * KIB
         assert_balanced(st)
         # a second daemon on the same socket refuses to start
-        r = run_cli("daemon", "--device-memory", "1MiB", "--chunk-size", "64KiB",
-                    "--socket", sock_path)
+        r = run_cli(
+            "daemon", "--device-memory", "1MiB", "--chunk-size", "64KiB", "--socket", sock_path
+        )
         assert r.returncode != 0 and "already listening" in r.stderr
         assert os.path.exists(sock_path)
         proc.send_signal(signal.SIGTERM)

@@ -71,7 +71,8 @@ def _status(args) -> int:
         f"device {status['device']}: {_gib(total * size)} in {total} chunks of "
         f"{size >> 20} MiB, {_gib(free * size)} free"
     )
-    print(f"{'ID':>3}  {'PID':>7}  {'MODEL':<24} {'STATE':<12} {'CHUNKS':>6} {'MEMORY':>10}  LAST ACTIVE")
+    header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "MEMORY")
+    print("{:>3}  {:>7}  {:<24} {:<12} {:>6} {:>10}  LAST ACTIVE".format(*header))
     now = time.time()
     for i in status["instances"]:
         ago = f"{now - i['last_active']:.0f} s ago"

@@ -58,9 +58,7 @@ class Pool:
         return len(self.holder)
 
     def balanced(self) -> bool:
-        return self.leased + len(self.free) == self.total and not set(self.free) & set(
-            self.holder
-        )
+        return self.leased + len(self.free) == self.total and not set(self.free) & set(self.holder)
 
 
 def _gib(nbytes: int) -> str:

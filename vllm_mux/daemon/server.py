@@ -41,9 +41,7 @@ class Instance:
 
 
 class Daemon:
-    def __init__(
-        self, backend, device: str, device_memory: int, chunk_size: int, socket_path: str
-    ):
+    def __init__(self, backend, device: str, device_memory: int, chunk_size: int, socket_path: str):
         n = device_memory // chunk_size
         if n < 1:
             raise ValueError(
@@ -97,6 +95,10 @@ class Daemon:
 
     def shutdown(self) -> None:
         if self._listener is not None:
+            try:  # wakes a thread blocked in accept(); close() alone does not
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
             if os.path.exists(self.socket_path):
@@ -105,7 +107,9 @@ class Daemon:
     # -- one connection --
 
     def _serve(self, conn: socket.socket) -> None:
-        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        pid, uid, _ = struct.unpack(
+            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        )
         if uid not in (os.geteuid(), 0):
             protocol.send(conn, {"ok": False, "error": f"uid {uid} may not use this daemon"})
             conn.close()
@@ -203,7 +207,9 @@ class Daemon:
             me.connected = False
             holds = bool(self.pool.held_by(me.id))
         if holds:
-            log.warning("instance %d (pid %d) left holding chunks; waiting for it to exit", me.id, me.pid)
+            log.warning(
+                "instance %d (pid %d) left holding chunks; waiting for it to exit", me.id, me.pid
+            )
             select.select([me.pidfd], [], [])  # readable once the process has exited
         with self.lock:
             returned = self.pool.release_all(me.id)

@@ -13,8 +13,16 @@ Upstream: delete once oneDNN handles can be created over caller-owned memory
 (or re-created cheaply on wake) — there is no upstream issue for this yet.
 """
 
+# Upstream symbols this patch replaces or relies on -> sha256 of their source.
+# The callers import the dispatcher from its module at call time, which is
+# what lets a module attribute replace it.
 TARGETS = {
-    "vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm": "a9a03f6cc4f2e74e",
+    "vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm": "2ba18ce6108799da",
+    "vllm.model_executor.layers.linear.UnquantizedLinearMethod.process_weights_after_loading": (
+        "57e9db55858f6e18"
+    ),
+    "vllm.model_executor.layers.vocab_parallel_embedding.UnquantizedEmbeddingMethod"
+    ".process_weights_after_loading": "3f18c9f56bcc9abd",
 }
 
 

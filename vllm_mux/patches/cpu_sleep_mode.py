@@ -12,8 +12,10 @@ no-op with a warning). Delete this once ``CpuPlatform`` supports a
 sleep-mode backend (RFC vllm-project/vllm#34303).
 """
 
+# Upstream symbols this patch replaces or relies on -> sha256 of their source.
 TARGETS = {
-    "vllm.platforms.interface.Platform.is_sleep_mode_available": "b3b0d2ae3ab3a3b5",
+    "vllm.platforms.interface.Platform.is_sleep_mode_available": "bd559732376e8351",
+    "vllm.config.model.ModelConfig.__post_init__": "3c7065f1d756e05e",
 }
 
 

@@ -32,13 +32,19 @@ becomes a registered backend.
 
 import os
 
+# Upstream symbols this patch replaces or relies on -> sha256 of their source.
+# initialize_from_config asks for the "kv_cache" context; allocate_kv_cache
+# makes the cache with one torch.zeros inside it; EngineCore.sleep pauses the
+# scheduler and resets the prefix cache before the worker sleeps.
 TARGETS = {
-    "vllm.v1.worker.gpu_worker.Worker.load_model": "5a8c1f69f2b8d9a5",
-    "vllm.v1.worker.gpu_worker.Worker._maybe_get_memory_pool_context": "d8dd5c3e3aaa5b8c",
-    "vllm.v1.worker.gpu_worker.Worker.initialize_from_config": "0000000000000000",
-    "vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory": "0000000000000000",
-    "vllm.v1.worker.cpu_worker.CPUWorker.sleep": "0000000000000000",
-    "vllm.v1.worker.cpu_worker.CPUWorker.wake_up": "0000000000000000",
+    "vllm.v1.worker.gpu_worker.Worker.load_model": "350a4fb01458c532",
+    "vllm.v1.worker.gpu_worker.Worker._maybe_get_memory_pool_context": "c6dca1b30ec89d3e",
+    "vllm.v1.worker.gpu_worker.Worker.initialize_from_config": "71b1fbd048077170",
+    "vllm.v1.worker.utils.allocate_kv_cache": "b1f3e24311485a09",
+    "vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory": "6307aefccd79f744",
+    "vllm.v1.worker.cpu_worker.CPUWorker.sleep": "3f7858b3950b54cf",
+    "vllm.v1.worker.cpu_worker.CPUWorker.wake_up": "93125d50e3a6c717",
+    "vllm.v1.engine.core.EngineCore.sleep": "f08683c8b249ae7b",
 }
 
 
@@ -108,7 +114,13 @@ def apply() -> None:
             },
         }
 
+    def mux_plain_copy(self) -> float:
+        """A plain copy of the weights' bytes from the same host buffer, for
+        ``vllm-mux bench`` to set beside the wake it just measured."""
+        return _instance(self).plain_copy()
+
     CPUWorker.mux_tensor_addresses = mux_tensor_addresses
+    CPUWorker.mux_plain_copy = mux_plain_copy
     CPUWorker.load_model = load_model
     CPUWorker._maybe_get_memory_pool_context = _maybe_get_memory_pool_context
     CPUWorker.determine_available_memory = determine_available_memory
