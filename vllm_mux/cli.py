@@ -69,7 +69,7 @@ def _status(args) -> int:
     total, free = status["total_chunks"], status["free_chunks"]
     print(
         f"device {status['device']}: {_gib(total * size)} in {total} chunks of "
-        f"{size >> 20} MiB, {_gib(free * size)} free"
+        f"{size / 2**20:g} MiB, {_gib(free * size)} free"
     )
     header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "MEMORY")
     print("{:>3}  {:>7}  {:<24} {:<12} {:>6} {:>10}  LAST ACTIVE".format(*header))

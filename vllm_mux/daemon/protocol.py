@@ -40,6 +40,9 @@ def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
         _close(fds)
         raise ProtocolError("a message must be a JSON object")
     want = message.pop("nfds", 0)
+    if type(want) is not int or want < 0:
+        _close(fds)
+        raise ProtocolError("nfds must be a non-negative integer")
     while len(fds) < want:
         more, extra = _recv_one(sock)
         if not more:

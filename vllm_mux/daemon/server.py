@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import socket
+import stat
 import struct
 import threading
 import time
@@ -42,6 +43,8 @@ class Instance:
 
 class Daemon:
     def __init__(self, backend, device: str, device_memory: int, chunk_size: int, socket_path: str):
+        if chunk_size <= 0:
+            raise ValueError(f"the chunk size must be positive, not {chunk_size}")
         n = device_memory // chunk_size
         if n < 1:
             raise ValueError(
@@ -65,15 +68,16 @@ class Daemon:
     # -- lifecycle --
 
     def listen(self) -> None:
-        if os.path.exists(self.socket_path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(self.socket_path)
-            except OSError:
-                os.unlink(self.socket_path)  # left behind by a daemon that died
-            else:
-                probe.close()
-                raise RuntimeError(f"a daemon is already listening at {self.socket_path}")
+        if os.path.lexists(self.socket_path):
+            if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
+                raise RuntimeError(f"{self.socket_path} exists and is not a socket")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+                try:
+                    probe.connect(self.socket_path)
+                except OSError:
+                    os.unlink(self.socket_path)  # left behind by a daemon that died
+                else:
+                    raise RuntimeError(f"a daemon is already listening at {self.socket_path}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)  # the socket is 0600 from the moment it exists
         try:

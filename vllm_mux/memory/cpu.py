@@ -115,4 +115,6 @@ class Backend:
         """A uint8 tensor over ``nbytes`` mapped at ``addr`` (no copy)."""
         import torch
 
+        if nbytes == 0:  # frombuffer refuses an empty buffer
+            return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr), dtype=torch.uint8)
