@@ -288,9 +288,7 @@ def test_arena_unmap_with_nothing_mapped(arenas):
 def test_alloc_zero_bytes(be, arenas):
     """torch.empty(0) and friends happen; a zero-byte alloc is an empty tensor.
 
-    BUG: Backend.tensor (cpu.py) calls torch.frombuffer on a zero-length buffer,
-    which raises ValueError, so Arena.alloc(0) and Arena.view() of an unused
-    arena fail.
+    (torch.frombuffer refuses a zero-length buffer; the backend must not.)
     """
     a = arenas(2 * CS)
     a.map([be.create(CS)])

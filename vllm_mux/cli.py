@@ -29,7 +29,12 @@ def _daemon(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vllm-mux daemon: %(message)s")
     daemon = Daemon(
-        backend(args.device), args.device, args.device_memory, args.chunk_size, args.socket
+        backend(args.device),
+        args.device,
+        args.device_memory,
+        args.chunk_size,
+        args.socket,
+        wait_timeout=args.wait_timeout,
     )
     daemon.listen()
 
@@ -109,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-memory", type=parse_size, required=True, help="pool size, e.g. 8GiB")
     p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--socket", default=default_socket(), help="default: $VLLM_MUX_SOCKET")
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a lease waits for other instances to sleep before it fails (default 120)",
+    )
     p.set_defaults(run=_daemon)
 
     p = sub.add_parser("status", help="the daemon's pool and instances")

@@ -26,9 +26,10 @@ log = logging.getLogger("vllm_mux.instance")
 
 
 class Instance:
-    def __init__(self, socket_path: str, model: str):
-        self.client = Client(socket_path)
-        hello = self.client.hello(model)
+    def __init__(self, socket_path: str, model: str, key: str = ""):
+        # No timeout: a lease may wait while the daemon asks others to sleep.
+        self.client = Client(socket_path, timeout=None)
+        hello = self.client.hello(model, key)
         self.id = hello["instance"]
         self.chunk_size = hello["chunk_size"]
         self.backend = make_backend(hello["device"])
@@ -44,9 +45,10 @@ class Instance:
     # -- placing memory --
 
     def _grow(self, arena: Arena, chunks: int) -> None:
-        if chunks == 0:
-            return
-        ids, fds = self.client.lease(chunks)
+        if chunks:
+            self._map(arena, *self.client.lease(chunks))
+
+    def _map(self, arena: Arena, ids: list[int], fds: list[int]) -> None:
         arena.map([self.backend.import_(fd, self.chunk_size) for fd in fds])
         self.leases[id(arena)] += ids
 
@@ -120,8 +122,12 @@ class Instance:
         start = time.perf_counter()
         self.client.set_state("waking")
         try:
-            for arena in (self.weights, self.kv_cache):
-                self._grow(arena, arena.size // self.chunk_size)
+            # One lease for both arenas: two could each hold half of what
+            # two waking instances need and wait on each other.
+            n = self.weights.size // self.chunk_size
+            ids, fds = self.client.lease(n + self.kv_cache.size // self.chunk_size)
+            self._map(self.weights, ids[:n], fds[:n])
+            self._map(self.kv_cache, ids[n:], fds[n:])
             mapped = time.perf_counter()
             self.weights.view().copy_(self.host)
             self.backend.synchronize()
@@ -141,11 +147,15 @@ class Instance:
         return done - start
 
     def _release_all(self) -> None:
+        """Unmap everything, then hand it all back in one message: the instance
+        that waits for these chunks starts its wake only once we are done."""
+        ids = []
         for arena in (self.weights, self.kv_cache):
             arena.unmap()
-            ids, self.leases[id(arena)] = self.leases[id(arena)], []
-            if ids:
-                self.client.release(ids)
+            ids += self.leases[id(arena)]
+            self.leases[id(arena)] = []
+        if ids:
+            self.client.release(ids)
 
 
 class _ArenaAllocations(TorchDispatchMode):

@@ -39,9 +39,10 @@ class Client:
             raise DaemonError(reply.get("error", "the daemon refused without a reason"))
         return reply, fds
 
-    def hello(self, model: str) -> dict:
-        """Register as an instance; the reply names the device and chunk size."""
-        return self.call("hello", role="instance", model=model)[0]
+    def hello(self, model: str, key: str = "") -> dict:
+        """Register as an instance's worker; the reply names the device and
+        chunk size. ``key`` joins it to its controller."""
+        return self.call("hello", role="instance", model=model, key=key)[0]
 
     def lease(self, chunks: int) -> tuple[list[int], list[int]]:
         """Lease ``chunks`` chunks: their ids and one fd for each."""

@@ -18,14 +18,7 @@ class Pool:
         self.holder: dict[int, int] = {}  # chunk id -> instance id
 
     def lease(self, instance: int, n: int) -> list[int]:
-        if n <= 0:
-            raise PoolError(f"a lease is for at least one chunk, not {n}")
-        if n > self.total:
-            raise PoolError(
-                f"asks for {n} chunks ({_gib(n * self.chunk_size)}) but the whole pool is "
-                f"{self.total} chunks ({_gib(self.total * self.chunk_size)}): start the "
-                "daemon with a larger --device-memory or give the model less memory"
-            )
+        self.check(n)
         if n > len(self.free):
             raise PoolError(
                 f"asks for {n} chunks but only {len(self.free)} of {self.total} are free"
@@ -34,6 +27,17 @@ class Pool:
         for i in ids:
             self.holder[i] = instance
         return ids
+
+    def check(self, n: int) -> None:
+        """Refuse a lease that could never be granted."""
+        if n <= 0:
+            raise PoolError(f"a lease is for at least one chunk, not {n}")
+        if n > self.total:
+            raise PoolError(
+                f"asks for {n} chunks ({_gib(n * self.chunk_size)}) but the whole pool is "
+                f"{self.total} chunks ({_gib(self.total * self.chunk_size)}): start the "
+                "daemon with a larger --device-memory or give the model less memory"
+            )
 
     def release(self, instance: int, ids: list[int]) -> None:
         if len(set(ids)) != len(ids):

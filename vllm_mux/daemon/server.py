@@ -5,6 +5,13 @@ as fds and keeps the books. A process that disconnects while holding chunks
 may still have them mapped, so its chunks come back only once the process is
 gone (watched through a pidfd), never earlier: a chunk is mapped by at most
 one instance at a time, and the daemon always knows which.
+
+An instance is two connections joined by a key: its worker, which leases
+and maps chunks, and its controller in the API server, which knows the
+requests and can put the instance to sleep. When a lease does not fit, the
+daemon asks other instances' controllers to sleep — idle ones first, least
+recently used first, never a pinned one — and grants leases in the order
+they were asked for once enough chunks are free.
 """
 
 import logging
@@ -33,6 +40,9 @@ class Instance:
     pid: int
     model: str
     pidfd: int
+    key: str = ""
+    controller: "Controller | None" = None
+    asked_to_sleep: bool = False
     state: str = "starting"
     connected: bool = True
     last_active: float = field(default_factory=time.time)
@@ -41,8 +51,36 @@ class Instance:
     last_wake: dict = field(default_factory=dict)  # timings the instance measured
 
 
+class Controller:
+    """The daemon's end of an instance's controller connection: the daemon asks,
+    the controller answers at once (it never blocks on the engine to reply)."""
+
+    def __init__(self, conn: socket.socket, pinned: bool, idle_ttl: float):
+        self.conn, self.pinned, self.idle_ttl = conn, pinned, idle_ttl
+        self.lock = threading.Lock()
+        conn.settimeout(5)
+
+    def ask(self, op: str) -> dict | None:
+        """The controller's reply, or None if it is gone or mute."""
+        with self.lock:
+            try:
+                protocol.send(self.conn, {"op": op})
+                reply, _ = protocol.recv(self.conn)
+            except (OSError, protocol.ProtocolError):
+                return None
+        return reply if reply and reply.get("ok") else None
+
+
 class Daemon:
-    def __init__(self, backend, device: str, device_memory: int, chunk_size: int, socket_path: str):
+    def __init__(
+        self,
+        backend,
+        device: str,
+        device_memory: int,
+        chunk_size: int,
+        socket_path: str,
+        wait_timeout: float = 120.0,
+    ):
         if chunk_size <= 0:
             raise ValueError(f"the chunk size must be positive, not {chunk_size}")
         n = device_memory // chunk_size
@@ -61,7 +99,10 @@ class Daemon:
         self.chunks = [backend.create(chunk_size) for _ in range(n)]
         self.pool = Pool(n, chunk_size)
         self.instances: dict[int, Instance] = {}
+        self.wait_timeout = wait_timeout
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # chunks freed, waiters moved
+        self.waiters: list[int] = []  # instance ids waiting for a lease, first come first
         self._next_id = 1
         self._listener: socket.socket | None = None
 
@@ -130,6 +171,11 @@ class Daemon:
                     return
                 for fd in fds:  # nothing a client sends us carries fds
                     os.close(fd)
+                if message.get("op") == "hello" and message.get("role") == "controller":
+                    if self._attach_controller(conn, message):
+                        conn = None  # it now belongs to the instance's record
+                        return
+                    continue
                 try:
                     reply, out_fds, me = self._handle(message, pid, me)
                 except (PoolError, ValueError, KeyError, TypeError) as e:
@@ -138,9 +184,22 @@ class Daemon:
         except OSError as e:
             log.info("connection of pid %d broke: %s", pid, e)
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
             if me is not None:
                 self._disconnected(me)
+
+    def _attach_controller(self, conn: socket.socket, message: dict) -> bool:
+        key, ttl = message.get("key"), message.get("idle_ttl", 0)
+        with self.lock:
+            found = [i for i in self.instances.values() if key and i.key == key]
+            if not found or not isinstance(ttl, int | float):
+                error = f"no instance registered with key {key!r}" if not found else "bad idle_ttl"
+                protocol.send(conn, {"ok": False, "error": error})
+                return False
+            found[0].controller = Controller(conn, bool(message.get("pinned")), float(ttl))
+        protocol.send(conn, self._ok(instance=found[0].id))
+        return True
 
     def _handle(self, message: dict, pid: int, me: Instance | None):
         op = message.get("op")
@@ -152,8 +211,11 @@ class Daemon:
             model = message.get("model")
             if not isinstance(model, str) or not model:
                 raise ValueError("hello from an instance names its model")
+            key = message.get("key", "")
+            if not isinstance(key, str):
+                raise ValueError("an instance's key is a string")
             with self.lock:
-                me = Instance(self._next_id, pid, model, os.pidfd_open(pid))
+                me = Instance(self._next_id, pid, model, os.pidfd_open(pid), key=key)
                 self._next_id += 1
                 self.instances[me.id] = me
             log.info("instance %d (pid %d) registered for model %s", me.id, pid, model)
@@ -175,9 +237,7 @@ class Daemon:
             n = message.get("chunks")
             if not isinstance(n, int) or isinstance(n, bool):
                 raise ValueError("lease names a whole number of chunks")
-            with self.lock:
-                ids = self.pool.lease(me.id, n)
-                me.last_active = time.time()
+            ids = self._lease(me, n)
             return self._ok(ids=ids), [self.backend.export(self.chunks[i]) for i in ids], me
         if op == "release":
             ids = message.get("ids")
@@ -185,6 +245,7 @@ class Daemon:
                 raise ValueError("release names a list of chunk ids")
             with self.lock:
                 self.pool.release(me.id, ids)
+                self.changed.notify_all()
             return self._ok(), [], me
         if op == "state":
             state = message.get("state")
@@ -197,6 +258,8 @@ class Daemon:
                 me.sleeps += state == "asleep"
                 me.state = state
                 me.last_active = time.time()
+                if state == "asleep":
+                    me.asked_to_sleep = False
                 if state == "awake" and isinstance(message.get("wake"), dict):
                     me.last_wake = message["wake"]
             return self._ok(), [], me
@@ -204,6 +267,78 @@ class Daemon:
 
     def _ok(self, **fields) -> dict:
         return {"ok": True, **fields}
+
+    # -- arbitration --
+
+    def _lease(self, me: Instance, n: int) -> list[int]:
+        """Grant ``n`` chunks, asking other instances to sleep if they do not fit.
+
+        Waits up to ``wait_timeout``; leases are granted first come, first served.
+        """
+        deadline = time.monotonic() + self.wait_timeout
+        with self.lock:
+            self.pool.check(n)
+            self.waiters.append(me.id)
+        try:
+            while True:
+                with self.lock:
+                    if self.waiters[0] == me.id and n <= len(self.pool.free):
+                        ids = self.pool.lease(me.id, n)
+                        me.last_active = time.time()
+                        return ids
+                    first = self.waiters[0] == me.id
+                    if time.monotonic() > deadline:
+                        raise PoolError(
+                            f"waited {self.wait_timeout:g} s for {n} chunks; only "
+                            f"{len(self.pool.free)} of {self.pool.total} are free and every "
+                            "holder is busy or pinned"
+                        )
+                if first:
+                    self._ask_to_sleep(me, n)
+                with self.lock:
+                    self.changed.wait(0.25)
+        finally:
+            with self.lock:
+                self.waiters.remove(me.id)
+                self.changed.notify_all()
+
+    def _ask_to_sleep(self, me: Instance, n: int) -> None:
+        """Ask enough other instances to sleep that ``n`` chunks come free:
+        idle ones before busy ones, least recently active first."""
+        with self.lock:
+            coming = sum(
+                len(self.pool.held_by(i.id)) for i in self.instances.values() if i.asked_to_sleep
+            )
+            needed = n - len(self.pool.free) - coming
+            candidates = [
+                i
+                for i in self.instances.values()
+                if i is not me
+                and i.state == "awake"
+                and i.controller
+                and not i.controller.pinned
+                and not i.asked_to_sleep
+                and self.pool.held_by(i.id)
+            ]
+        if needed <= 0 or not candidates:
+            return
+        reports = {i.id: i.controller.ask("report") for i in candidates}
+        live = [i for i in candidates if reports[i.id]]
+
+        def order(i: Instance):
+            r = reports[i.id]
+            return (r["in_flight"] + r["waiting"] > 0, r["last_active"])
+
+        for victim in sorted(live, key=order):
+            if needed <= 0:
+                break
+            if victim.controller.ask("sleep"):
+                with self.lock:
+                    victim.asked_to_sleep = True
+                    needed -= len(self.pool.held_by(victim.id))
+                log.info(
+                    "asked instance %d (%s) to sleep for %s", victim.id, victim.model, me.model
+                )
 
     def _disconnected(self, me: Instance) -> None:
         """Take the chunks back once the process is gone, not before."""
@@ -218,6 +353,9 @@ class Daemon:
         with self.lock:
             returned = self.pool.release_all(me.id)
             del self.instances[me.id]
+            self.changed.notify_all()
+        if me.controller:
+            me.controller.conn.close()
         os.close(me.pidfd)
         if returned:
             log.warning("instance %d exited; %d chunks back in the pool", me.id, len(returned))
@@ -226,9 +364,13 @@ class Daemon:
 
     def status(self) -> dict:
         with self.lock:
+            controllers = [(i.id, i.controller) for i in self.instances.values() if i.controller]
+        reports = {id_: c.ask("report") or {} for id_, c in controllers}
+        with self.lock:
             size = self.pool.chunk_size
             instances = []
             for inst in self.instances.values():
+                report = reports.get(inst.id, {})
                 held = len(self.pool.held_by(inst.id))
                 instances.append(
                     {
@@ -238,7 +380,11 @@ class Daemon:
                         "state": inst.state if inst.connected else "disconnected",
                         "chunks": held,
                         "bytes": held * size,
-                        "last_active": inst.last_active,
+                        "last_active": max(inst.last_active, report.get("last_active", 0)),
+                        "in_flight": report.get("in_flight", 0),
+                        "waiting": report.get("waiting", 0),
+                        "pinned": bool(inst.controller and inst.controller.pinned),
+                        "idle_ttl": inst.controller.idle_ttl if inst.controller else None,
                         "wakes": inst.wakes,
                         "sleeps": inst.sleeps,
                         "last_wake": inst.last_wake,

@@ -56,7 +56,8 @@ def _instance(worker):
         model = worker.vllm_config.model_config.served_model_name
         if isinstance(model, list):
             model = model[0]
-        worker._mux = Instance(os.environ["VLLM_MUX_SOCKET"], str(model))
+        key = os.environ.get("VLLM_MUX_INSTANCE", "")
+        worker._mux = Instance(os.environ["VLLM_MUX_SOCKET"], str(model), key)
     return worker._mux
 
 

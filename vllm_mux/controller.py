@@ -1,0 +1,187 @@
+"""The API-server side of an instance: requests wake it, idleness puts it to sleep.
+
+vLLM's engine already pauses its scheduler and queues requests while asleep;
+what it lacks is someone who decides. The controller does, in the process
+that sees the requests:
+
+- a request to a sleeping instance wakes it and waits for the wake; requests
+  that arrive meanwhile join the same wake;
+- an instance with no request for ``idle_ttl`` seconds goes to sleep by
+  itself, never with a request in flight, never when pinned;
+- when the daemon needs memory it asks the controller to sleep: new requests
+  then wait, the ones in flight finish, and the instance sleeps; the waiting
+  requests wake it again once the daemon can grant memory.
+
+It knows asyncio, the daemon's socket and an engine's ``sleep``/``wake_up``
+coroutines, not vLLM. If the daemon goes away the instance's memory is no
+longer accounted for, so the controller stops the server rather than go on.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from contextlib import asynccontextmanager
+
+from vllm_mux.daemon import protocol
+from vllm_mux.daemon.client import Client
+
+log = logging.getLogger("vllm_mux.controller")
+
+DEFAULT_IDLE_TTL = 600.0  # seconds; VLLM_MUX_IDLE_TTL, 0 = never sleep when idle
+
+
+class WakeError(RuntimeError):
+    """The instance could not wake (no memory in time, or the wake failed)."""
+
+
+class Controller:
+    def __init__(self, socket_path, key, sleep, wake_up, idle_ttl, pinned, loop):
+        self._sleep, self._wake_up = sleep, wake_up  # the engine's own coroutines
+        self.idle_ttl, self.pinned, self.loop = idle_ttl, pinned, loop
+        self.state = "awake"  # awake, sleeping, asleep, waking
+        self.draining = False  # asked to sleep: new requests wait, in-flight finish
+        self.in_flight = self.waiting = 0
+        self.failed_wakes = 0
+        self.last_active = time.time()
+        self.changed = asyncio.Condition()
+        self.daemon = Client(socket_path, timeout=None)
+        self.daemon.call("hello", role="controller", key=key, pinned=pinned, idle_ttl=idle_ttl)
+        threading.Thread(target=self._answer_daemon, name="vllm-mux", daemon=True).start()
+        self._ttl_task = loop.create_task(self._sleep_when_idle())
+
+    # -- requests --
+
+    @asynccontextmanager
+    async def request(self):
+        """Hold the instance awake for one request, waking it first if need be."""
+        self.waiting += 1
+        try:
+            await self._until_awake()
+        finally:
+            self.waiting -= 1
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            self.last_active = time.time()
+            if self.in_flight == 0:
+                async with self.changed:
+                    self.changed.notify_all()
+
+    async def _until_awake(self) -> None:
+        failures = self.failed_wakes
+        async with self.changed:
+            while not (self.state == "awake" and not self.draining):
+                if self.failed_wakes != failures:
+                    raise WakeError("the instance failed to wake; retry later")
+                if self.state == "asleep" and not self.draining:
+                    self.state = "waking"
+                    break
+                await self.changed.wait()
+            else:
+                return
+        await self.wake()
+
+    async def wake(self) -> None:
+        """Wake now (the caller has set state to 'waking')."""
+        error = None
+        try:
+            await self._wake_up()
+        except Exception as e:  # no memory in time, daemon refused, worker failed
+            error = e
+        async with self.changed:
+            self.state = "asleep" if error else "awake"
+            self.failed_wakes += error is not None
+            self.last_active = time.time()
+            self.changed.notify_all()
+        if error:
+            log.error("wake failed: %s", error)
+            raise WakeError(f"the instance failed to wake: {error}") from error
+
+    # -- sleeping --
+
+    async def sleep(self, drain: bool = True, **upstream_kwargs) -> bool:
+        """Sleep once nothing is in flight (or at once, ``drain=False``, as
+        upstream's ``/sleep`` does). False if already asleep or sleeping."""
+        async with self.changed:
+            if self.state != "awake" or self.draining:
+                return False
+            self.draining = True
+            if drain:
+                await self.changed.wait_for(lambda: self.in_flight == 0)
+            self.state = "sleeping"
+        try:
+            await self._sleep(**upstream_kwargs)
+            state = "asleep"
+        except Exception:
+            log.exception("sleep failed; staying awake")
+            state = "awake"
+        async with self.changed:
+            self.state, self.draining = state, False
+            self.changed.notify_all()
+        return state == "asleep"
+
+    async def wake_up(self) -> None:
+        """An explicit wake (upstream's ``/wake_up``)."""
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.state in ("awake", "asleep"))
+            if self.state == "awake":
+                return
+            self.state = "waking"
+        await self.wake()
+
+    async def _sleep_when_idle(self) -> None:
+        if self.idle_ttl <= 0 or self.pinned:
+            return
+        while True:
+            await asyncio.sleep(min(self.idle_ttl / 4, 1.0))
+            idle = time.time() - self.last_active >= self.idle_ttl
+            if idle and self.state == "awake" and not (self.in_flight or self.waiting):
+                log.info("idle for %.0f s: sleeping", self.idle_ttl)
+                await self.sleep()
+
+    # -- the daemon --
+
+    def report(self) -> dict:
+        return {
+            "ok": True,
+            "state": self.state,
+            "in_flight": self.in_flight,
+            "waiting": self.waiting,
+            "last_active": self.last_active,
+        }
+
+    def _answer_daemon(self) -> None:
+        """Answer the daemon's questions at once; a sleep runs on the loop."""
+        sock = self.daemon.sock
+        while True:
+            try:
+                message, _ = protocol.recv(sock)
+            except (OSError, protocol.ProtocolError):
+                message = None
+            if message is None:
+                return self._daemon_lost()
+            op = message.get("op")
+            if op == "report":
+                reply = self.report()
+            elif op == "sleep" and not self.pinned:
+                asyncio.run_coroutine_threadsafe(self.sleep(), self.loop)
+                reply = {"ok": True}
+            else:
+                reply = {"ok": False, "error": f"cannot {op!r}"}
+            try:
+                protocol.send(sock, reply)
+            except OSError:
+                return self._daemon_lost()
+
+    def _daemon_lost(self) -> None:
+        log.critical(
+            "lost the vllm-mux daemon at %s: this instance's memory is no longer accounted "
+            "for; stopping the server",
+            self.daemon.socket_path,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)

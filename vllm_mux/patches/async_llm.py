@@ -1,0 +1,140 @@
+"""Wake an instance for its requests; sleep it when idle or asked by the daemon.
+
+Targets, on ``vllm.v1.engine.async_llm.AsyncLLM`` (the API server's engine
+client):
+- ``__init__``: once upstream has started the engine, attach a
+  ``vllm_mux.controller.Controller`` to it (per-instance ``VLLM_MUX_IDLE_TTL``
+  and ``VLLM_MUX_PINNED`` from the environment).
+- ``generate`` and ``encode``: each request first passes the controller, which
+  wakes a sleeping instance and counts the request in flight. Upstream would
+  queue a request for a sleeping engine until someone called ``/wake_up``.
+  A wake that fails answers 503 (``GracefulHTTPError``) instead of a stack
+  trace; the next request tries again.
+- ``sleep`` and ``wake_up``: upstream's ``/sleep`` and ``/wake_up`` go through
+  the controller, so that its state stays the engine's state.
+And ``vllm.entrypoints.launchers.app.init_entrypoints_middleware``: also adds
+a middleware that puts ``Retry-After`` on 503 answers.
+Upstream: delete once vLLM wakes a sleeping engine on request (vllm#36753
+shows two wakes at once hanging) and exposes a hook for idle policy.
+"""
+
+import asyncio
+import os
+import uuid
+
+# Upstream symbols this patch replaces or relies on -> sha256 of their source.
+TARGETS = {
+    "vllm.v1.engine.async_llm.AsyncLLM.__init__": "337e63555ec24df9",
+    "vllm.v1.engine.async_llm.AsyncLLM.generate": "5bd0ee90459b0e29",
+    "vllm.v1.engine.async_llm.AsyncLLM.encode": "d118957480161971",
+    "vllm.v1.engine.async_llm.AsyncLLM.sleep": "bb67106aaeca1cb7",
+    "vllm.v1.engine.async_llm.AsyncLLM.wake_up": "5bcec2632c8c4fe9",
+    "vllm.entrypoints.serve.middleware.register.init_entrypoints_middleware": "583c2958f2eb48d0",
+    "vllm.entrypoints.launchers.app.build_app": "6438b7e524cb0b4f",
+}
+
+RETRY_AFTER_S = 5
+
+
+def apply() -> None:
+    from http import HTTPStatus
+
+    from vllm.entrypoints.launchers import app as launcher_app
+    from vllm.exceptions import GracefulHTTPError
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vllm_mux.controller import DEFAULT_IDLE_TTL, Controller, WakeError
+
+    # Every process of this instance (API server, engine, workers) shares the
+    # key that joins the worker's and the controller's connections.
+    os.environ.setdefault("VLLM_MUX_INSTANCE", uuid.uuid4().hex)
+
+    class Unavailable(GracefulHTTPError):
+        def __init__(self, message: str):
+            super().__init__(message, HTTPStatus.SERVICE_UNAVAILABLE)
+
+    upstream_init = AsyncLLM.__init__
+    upstream_generate = AsyncLLM.generate
+    upstream_encode = AsyncLLM.encode
+    upstream_sleep = AsyncLLM.sleep
+    upstream_wake_up = AsyncLLM.wake_up
+
+    def __init__(self, *args, **kwargs):
+        upstream_init(self, *args, **kwargs)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # built outside a server's loop: nobody to control
+            self._mux = None
+            return
+        self._mux = Controller(
+            os.environ["VLLM_MUX_SOCKET"],
+            os.environ["VLLM_MUX_INSTANCE"],
+            sleep=lambda **kw: upstream_sleep(self, **kw),
+            wake_up=lambda: upstream_wake_up(self),
+            idle_ttl=float(os.environ.get("VLLM_MUX_IDLE_TTL", DEFAULT_IDLE_TTL)),
+            pinned=os.environ.get("VLLM_MUX_PINNED", "") not in ("", "0"),
+            loop=loop,
+        )
+
+    def gated(upstream):
+        async def through_controller(self, *args, **kwargs):
+            if self._mux is None:
+                async for output in upstream(self, *args, **kwargs):
+                    yield output
+                return
+            try:
+                async with self._mux.request():
+                    async for output in upstream(self, *args, **kwargs):
+                        yield output
+            except WakeError as e:
+                raise Unavailable(str(e)) from e
+
+        through_controller.__name__ = upstream.__name__
+        return through_controller
+
+    async def sleep(self, level: int = 1, mode="abort") -> None:
+        if self._mux is None:
+            return await upstream_sleep(self, level, mode)
+        await self._mux.sleep(drain=False, level=level, mode=mode)
+
+    async def wake_up(self, tags=None) -> bool:
+        if self._mux is None:
+            return await upstream_wake_up(self, tags)
+        await self._mux.wake_up()
+        return True
+
+    AsyncLLM.__init__ = __init__
+    AsyncLLM.generate = gated(upstream_generate)
+    AsyncLLM.encode = gated(upstream_encode)
+    AsyncLLM.sleep = sleep
+    AsyncLLM.wake_up = wake_up
+
+    upstream_middleware = launcher_app.init_entrypoints_middleware
+
+    def init_entrypoints_middleware(args, app, supported_tasks, *rest, **kwargs):
+        upstream_middleware(args, app, supported_tasks, *rest, **kwargs)
+        app.add_middleware(RetryAfter)
+
+    launcher_app.init_entrypoints_middleware = init_entrypoints_middleware
+
+
+class RetryAfter:
+    """ASGI middleware: a 503 tells the client when to come back."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_retry_after(message):
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = [
+                    *message.get("headers", []),
+                    (b"retry-after", str(RETRY_AFTER_S).encode()),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_retry_after)
