@@ -33,9 +33,11 @@ def model_dir() -> str:
 
 
 class Daemon:
-    def __init__(self, tmp_path, device_memory: str):
+    def __init__(self, tmp_path, device_memory: str, args=()):
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.socket = str(tmp_path / "mux.sock")
-        self.process = start_daemon(self.socket, device_memory, tmp_path / "daemon.log")
+        log = tmp_path / "daemon.log"
+        self.process = start_daemon(self.socket, device_memory, log, args=list(args))
 
     def status(self) -> dict:
         client = Client(self.socket)
@@ -43,6 +45,17 @@ class Daemon:
             return client.status()
         finally:
             client.close()
+
+    def wait_for(self, predicate, timeout: float = 30) -> dict:
+        """The first status that satisfies ``predicate``."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status) or time.monotonic() > deadline:
+                return status
+            time.sleep(0.1)
 
     def instance(self, model: str) -> dict:
         (found,) = [i for i in self.status()["instances"] if i["model"] == model]
@@ -76,8 +89,8 @@ def module_daemon_factory(tmp_path_factory):
 def _daemons(tmp_path):
     started = []
 
-    def start(device_memory: str = "2GiB") -> Daemon:
-        d = Daemon(tmp_path, device_memory)
+    def start(device_memory: str = "2GiB", args=()) -> Daemon:
+        d = Daemon(tmp_path / f"daemon{len(started)}", device_memory, args)
         started.append(d)
         return d
 
@@ -159,3 +172,52 @@ def shmem_rss(pid: int) -> int:
             if line.startswith("RssShmem:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no RssShmem line")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, model_dir) -> str:
+    """A tiny random Llama with the bundled model's tokenizer: another shape."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,  # head_dim 64: the CPU attention kernels need >= 32
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(f"{model_dir}/{name}", out / name)
+    return str(out)
+
+
+def stream_text(server: VllmServer, prompt: str, max_tokens: int = 24) -> str:
+    """A streamed greedy chat answer, joined."""
+    import json
+
+    body = {
+        "model": server.name,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
+    parts = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=300) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                parts.append(delta.get("content") or "")
+    return "".join(parts)

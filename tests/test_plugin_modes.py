@@ -64,3 +64,15 @@ def test_pool_too_small_for_the_kv_cache(daemon_factory, server_factory, model_d
     status = daemon.status()
     assert status["free_chunks"] == status["total_chunks"]
     assert_books_balance(status)
+
+
+def test_instance_stops_loudly_when_its_daemon_dies(daemon_factory, server_factory, model_dir):
+    daemon = daemon_factory("2GiB")
+    server = server_factory(model_dir, socket_path=daemon.socket)
+    assert "Paris" in greedy(server, PROMPTS[0])
+    daemon.process.proc.kill()  # its books are gone: the instance must not go on
+    deadline = time.monotonic() + 120
+    while server.alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not server.alive()
+    assert "lost the vllm-mux daemon" in server.log(tail=200000)

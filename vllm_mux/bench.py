@@ -4,7 +4,8 @@ Every figure comes with its peer measured in the same run on the same
 machine: the wake's copy against a plain copy of the same bytes from the same
 host buffer (measured inside the instance right after each wake), time-to-first-token right after a
 wake against while awake, and tokens/s of the instance with vllm-mux active
-against plain vLLM serving the same model.
+against plain vLLM serving the same model, and the time to first token of a
+request that finds the instance asleep against stopping and starting vLLM.
 """
 
 import json
@@ -89,6 +90,11 @@ def switch(args) -> int:
             inside.append(me["last_wake"])
             plain_copies.append(float(mux.worker_rpc("mux_plain_copy")))
             after_wake_ttft.append(ttft(mux))
+        # A request that finds the instance asleep wakes it by itself.
+        asleep_ttft = []
+        for _ in range(args.cycles):
+            mux.sleep()
+            asleep_ttft.append(ttft(mux))
         status = client.status()
         client.close()
 
@@ -97,6 +103,14 @@ def switch(args) -> int:
         for _ in range(2):
             for s in servers:
                 tps[s.name].append(tokens_per_second(s))
+
+        # What users do today to switch models: stop one vLLM, start another.
+        plain.stop()
+        start = time.perf_counter()
+        plain = VllmServer(model, work / "restart.log", name="plain", args=SERVER_ARGS)
+        servers.append(plain)
+        plain.wait_ready(poll=0.05)
+        restart_ttft = time.perf_counter() - start + ttft(plain)
     finally:
         for s in servers:
             s.stop()
@@ -123,6 +137,9 @@ def switch(args) -> int:
         "wake_vs_plain_copy": plain_s / wake_s,
         "ttft_awake_ms": med(awake_ttft) * 1e3,
         "ttft_after_wake_ms": med(after_wake_ttft) * 1e3,
+        "ttft_asleep_ms": med(asleep_ttft) * 1e3,
+        "ttft_restart_ms": restart_ttft * 1e3,
+        "restart_vs_asleep_ttft": restart_ttft / med(asleep_ttft),
         "tokens_per_s_mux": max(tps["mux"]),
         "tokens_per_s_plain": max(tps["plain"]),
         "mux_vs_plain_throughput": max(tps["mux"]) / max(tps["plain"]),

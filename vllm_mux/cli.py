@@ -76,14 +76,28 @@ def _status(args) -> int:
         f"device {status['device']}: {_gib(total * size)} in {total} chunks of "
         f"{size / 2**20:g} MiB, {_gib(free * size)} free"
     )
-    header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "MEMORY")
-    print("{:>3}  {:>7}  {:<24} {:<12} {:>6} {:>10}  LAST ACTIVE".format(*header))
+    header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "MEMORY", "RUN", "WAIT", "WAKES")
+    row = "{:>3}  {:>7}  {:<20} {:<12} {:>6} {:>10} {:>4} {:>4} {:>6}  {:<12} {}"
+    print(row.format(*header, "LAST WAKE", "LAST ACTIVE"))
     now = time.time()
     for i in status["instances"]:
-        ago = f"{now - i['last_active']:.0f} s ago"
+        wake = i.get("last_wake") or {}
+        last_wake = f"{wake['seconds'] * 1000:.0f} ms" if wake else "-"
+        state = i["state"] + (" pinned" if i.get("pinned") else "")
         print(
-            f"{i['id']:>3}  {i['pid']:>7}  {i['model']:<24} {i['state']:<12} "
-            f"{i['chunks']:>6} {_gib(i['bytes']):>10}  {ago}"
+            row.format(
+                i["id"],
+                i["pid"],
+                i["model"],
+                state,
+                i["chunks"],
+                _gib(i["bytes"]),
+                i.get("in_flight", 0),
+                i.get("waiting", 0),
+                i["wakes"],
+                last_wake,
+                f"{now - i['last_active']:.0f} s ago",
+            )
         )
     return 0
 

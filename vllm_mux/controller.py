@@ -150,6 +150,7 @@ class Controller:
         return {
             "ok": True,
             "state": self.state,
+            "draining": self.draining,
             "in_flight": self.in_flight,
             "waiting": self.waiting,
             "last_active": self.last_active,

@@ -66,9 +66,11 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def start_daemon(socket_path: str, device_memory: str, log: Path, device: str = "cpu") -> Process:
+def start_daemon(
+    socket_path: str, device_memory: str, log: Path, device: str = "cpu", args: list[str] = ()
+) -> Process:
     argv = [sys.executable, "-m", "vllm_mux.cli", "daemon", "--device", device]
-    argv += ["--device-memory", device_memory, "--socket", socket_path]
+    argv += ["--device-memory", device_memory, "--socket", socket_path, *args]
     daemon = Process(argv, log)
     deadline = time.monotonic() + 120
     while not os.path.exists(socket_path):
@@ -104,7 +106,7 @@ class VllmServer(Process):
             env["VLLM_MUX_SOCKET"] = ""  # plain vLLM, even inside a configured shell
         super().__init__(argv, log, env)
 
-    def wait_ready(self, timeout: float = 300) -> "VllmServer":
+    def wait_ready(self, timeout: float = 300, poll: float = 0.5) -> "VllmServer":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
@@ -114,7 +116,7 @@ class VllmServer(Process):
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(poll)
         raise TimeoutError(f"vLLM not ready after {timeout} s:\n{self.log()}")
 
     def post(self, path: str, timeout: float = 120, **kwargs) -> httpx.Response:

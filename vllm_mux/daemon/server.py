@@ -42,7 +42,6 @@ class Instance:
     pidfd: int
     key: str = ""
     controller: "Controller | None" = None
-    asked_to_sleep: bool = False
     state: str = "starting"
     connected: bool = True
     last_active: float = field(default_factory=time.time)
@@ -258,8 +257,6 @@ class Daemon:
                 me.sleeps += state == "asleep"
                 me.state = state
                 me.last_active = time.time()
-                if state == "asleep":
-                    me.asked_to_sleep = False
                 if state == "awake" and isinstance(message.get("wake"), dict):
                     me.last_wake = message["wake"]
             return self._ok(), [], me
@@ -304,12 +301,14 @@ class Daemon:
 
     def _ask_to_sleep(self, me: Instance, n: int) -> None:
         """Ask enough other instances to sleep that ``n`` chunks come free:
-        idle ones before busy ones, least recently active first."""
+        idle ones before busy ones, least recently active first.
+
+        Called again every quarter second while the lease waits: asking twice
+        is harmless (an instance already draining ignores it), and an instance
+        that was waking when first asked is asked again once it is awake.
+        """
         with self.lock:
-            coming = sum(
-                len(self.pool.held_by(i.id)) for i in self.instances.values() if i.asked_to_sleep
-            )
-            needed = n - len(self.pool.free) - coming
+            needed = n - len(self.pool.free)
             candidates = [
                 i
                 for i in self.instances.values()
@@ -317,7 +316,6 @@ class Daemon:
                 and i.state == "awake"
                 and i.controller
                 and not i.controller.pinned
-                and not i.asked_to_sleep
                 and self.pool.held_by(i.id)
             ]
         if needed <= 0 or not candidates:
@@ -334,11 +332,9 @@ class Daemon:
                 break
             if victim.controller.ask("sleep"):
                 with self.lock:
-                    victim.asked_to_sleep = True
                     needed -= len(self.pool.held_by(victim.id))
-                log.info(
-                    "asked instance %d (%s) to sleep for %s", victim.id, victim.model, me.model
-                )
+                if not reports[victim.id].get("draining"):
+                    log.info("asked %d (%s) to sleep for %s", victim.id, victim.model, me.model)
 
     def _disconnected(self, me: Instance) -> None:
         """Take the chunks back once the process is gone, not before."""
