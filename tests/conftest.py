@@ -202,8 +202,9 @@ def tiny_model_dir(tmp_path_factory, model_dir) -> str:
     return str(out)
 
 
-def stream_text(server: VllmServer, prompt: str, max_tokens: int = 24) -> str:
-    """A streamed greedy chat answer, joined."""
+def stream_text(server: VllmServer, prompt: str, max_tokens: int = 24, ignore_eos=False) -> str:
+    """A streamed greedy chat answer, joined; ``ignore_eos`` makes it exactly
+    ``max_tokens`` long (a vLLM extension), to keep an instance busy."""
     import json
 
     body = {
@@ -212,6 +213,7 @@ def stream_text(server: VllmServer, prompt: str, max_tokens: int = 24) -> str:
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "ignore_eos": ignore_eos,
     }
     parts = []
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=300) as r:

@@ -109,10 +109,11 @@ def test_busy_holders_make_a_wake_wait_then_fail_with_503(pool_for_one):
     daemon, servers, solo = pool_for_one
     holder, other = servers["smol-a"], servers["smol-b"]
     chat(holder, QUESTION)  # smol-a awake, smol-b asleep
-    streaming = threading.Thread(target=stream_text, args=(holder, QUESTION, 600))
+    streaming = threading.Thread(target=stream_text, args=(holder, QUESTION, 600, True))
     streaming.start()  # keeps smol-a busy for longer than the daemon's 15 s wait
     time.sleep(1)
     body = {"model": other.name, "messages": [{"role": "user", "content": QUESTION}]}
+    body |= {"max_tokens": 16, "temperature": 0}
     start = time.monotonic()
     r = httpx.post(f"{other.url}/v1/chat/completions", json=body, timeout=120)
     waited = time.monotonic() - start
@@ -134,7 +135,7 @@ def test_sigkill_mid_stream_leaves_the_others_serving(pool_for_one):
     victim = servers["smol-a"]
     chat(victim, QUESTION)
     worker = daemon.instance("smol-a")["pid"]
-    streaming = threading.Thread(target=lambda: _ignore(stream_text, victim, QUESTION, 600))
+    streaming = threading.Thread(target=lambda: _ignore(stream_text, victim, QUESTION, 600, True))
     streaming.start()
     time.sleep(2)
     os.killpg(victim.pid, signal.SIGKILL)  # the server, its engine and its worker

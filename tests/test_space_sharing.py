@@ -59,7 +59,9 @@ def test_two_stay_awake_and_serve_at_once(pool_for_two):
     before = {i["model"]: i["wakes"] for i in daemon.status()["instances"]}
 
     long_answer = []
-    streaming = threading.Thread(target=lambda: long_answer.append(stream_text(a, QUESTION, 200)))
+    streaming = threading.Thread(
+        target=lambda: long_answer.append(stream_text(a, QUESTION, 200, ignore_eos=True))
+    )
     streaming.start()
     time.sleep(1)
     for _ in range(3):  # served while smol-a's stream is still running

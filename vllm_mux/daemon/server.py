@@ -284,6 +284,8 @@ class Daemon:
                         me.last_active = time.time()
                         return ids
                     first = self.waiters[0] == me.id
+                    if _exited(me.pidfd):  # killed mid-wake: stop holding up the queue
+                        raise PoolError("the instance exited while waiting for its lease")
                     if time.monotonic() > deadline:
                         raise PoolError(
                             f"waited {self.wait_timeout:g} s for {n} chunks; only "
@@ -308,7 +310,12 @@ class Daemon:
         that was waking when first asked is asked again once it is awake.
         """
         with self.lock:
-            needed = n - len(self.pool.free)
+            coming = sum(
+                len(self.pool.held_by(i.id))
+                for i in self.instances.values()
+                if i.state == "sleeping"
+            )
+            needed = n - len(self.pool.free) - coming
             candidates = [
                 i
                 for i in self.instances.values()
@@ -330,9 +337,10 @@ class Daemon:
         for victim in sorted(live, key=order):
             if needed <= 0:
                 break
+            with self.lock:
+                holds = len(self.pool.held_by(victim.id))  # before it can release them
             if victim.controller.ask("sleep"):
-                with self.lock:
-                    needed -= len(self.pool.held_by(victim.id))
+                needed -= holds
                 if not reports[victim.id].get("draining"):
                     log.info("asked %d (%s) to sleep for %s", victim.id, victim.model, me.model)
 
@@ -395,3 +403,8 @@ class Daemon:
                 balanced=self.pool.balanced(),
                 instances=instances,
             )
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd is readable once its process has exited."""
+    return bool(select.select([pidfd], [], [], 0)[0])

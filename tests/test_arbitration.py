@@ -1,0 +1,238 @@
+"""The daemon's arbitration, with fake instances: who is asked to sleep, and when."""
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from vllm_mux.daemon import protocol
+from vllm_mux.daemon.client import Client, DaemonError
+from vllm_mux.daemon.server import Daemon
+from vllm_mux.memory.cpu import Backend
+
+CS = 64 << 10
+
+
+class FakeInstance:
+    """A worker connection that leases, and a controller that answers the daemon
+    like the real one: report at once, and on "sleep" release everything."""
+
+    def __init__(self, path: str, model: str, *, pinned=False, in_flight=0, last_active=0.0):
+        self.model, self.in_flight, self.last_active = model, in_flight, last_active
+        self.worker = Client(path, timeout=30)
+        self.worker.hello(model, key=model)
+        self.ids: list[int] = []
+        self.fds: list[int] = []
+        self.asked = 0
+        self.sleeping = False
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.control.connect(path)
+        protocol.send(
+            self.control,
+            {"op": "hello", "role": "controller", "key": model, "pinned": pinned, "idle_ttl": 0},
+        )
+        reply, _ = protocol.recv(self.control)
+        assert reply["ok"], reply
+        threading.Thread(target=self._answer, daemon=True).start()
+
+    def lease(self, n: int) -> None:
+        ids, fds = self.worker.lease(n)
+        self.ids += ids
+        self.fds += fds
+        self.worker.set_state("awake")
+
+    def sleep(self) -> None:
+        self.worker.set_state("sleeping")
+        self.worker.release(self.ids)
+        for fd in self.fds:
+            os.close(fd)
+        self.ids, self.fds = [], []
+        self.worker.set_state("asleep")
+        self.sleeping = False
+
+    def _answer(self) -> None:
+        while True:
+            try:
+                message, _ = protocol.recv(self.control)
+            except OSError:
+                return
+            if message is None:
+                return
+            if message["op"] == "report":
+                reply = {"ok": True, "state": "awake", "draining": False, "waiting": 0}
+                reply |= {"in_flight": self.in_flight, "last_active": self.last_active}
+            else:  # sleep: like the real controller, answer now, sleep after
+                self.asked += 1
+                if self.ids and not self.in_flight and not self.sleeping:
+                    self.sleeping = True
+                    threading.Thread(target=self.sleep).start()
+                reply = {"ok": True}
+            protocol.send(self.control, reply)
+
+    def close(self) -> None:
+        self.worker.close()
+        self.control.close()
+
+
+@pytest.fixture
+def pool(tmp_path):
+    """A live daemon of 10 chunks that waits up to 2 s; its fake instances."""
+    path = str(tmp_path / "d.sock")
+    daemon = Daemon(Backend(), "cpu", 10 * CS, CS, path, wait_timeout=2)
+    daemon.listen()
+    threading.Thread(target=daemon.serve_forever, daemon=True).start()
+    made: list[FakeInstance] = []
+
+    def instance(model: str, **kwargs) -> FakeInstance:
+        made.append(FakeInstance(path, model, **kwargs))
+        return made[-1]
+
+    yield daemon, instance
+    for i in made:
+        i.close()
+    daemon.shutdown()
+
+
+def held(daemon: Daemon) -> dict:
+    return {i["model"]: i["chunks"] for i in daemon.status()["instances"]}
+
+
+def assert_balanced(daemon: Daemon) -> None:
+    status = daemon.status()
+    assert status["balanced"]
+    assert status["leased_chunks"] + status["free_chunks"] == status["total_chunks"]
+    for i in status["instances"]:
+        assert i["state"] != "asleep" or i["chunks"] == 0
+
+
+def test_the_least_recently_used_idle_instance_sleeps(pool):
+    daemon, instance = pool
+    old, new = instance("old", last_active=1.0), instance("new", last_active=2.0)
+    old.lease(4)
+    new.lease(4)
+    instance("third").lease(4)  # 2 free: one of the others must go
+    assert held(daemon) == {"old": 0, "new": 4, "third": 4}
+    assert new.asked == 0
+    assert_balanced(daemon)
+
+
+def test_idle_before_busy_and_never_pinned(pool):
+    daemon, instance = pool
+    pinned = instance("pinned", pinned=True, last_active=0.0)
+    busy = instance("busy", in_flight=1, last_active=1.0)
+    idle = instance("idle", last_active=5.0)
+    for i in (pinned, busy, idle):
+        i.lease(3)
+    instance("fourth").lease(3)  # 1 free: the idle one goes, though most recent
+    assert held(daemon) == {"pinned": 3, "busy": 3, "idle": 0, "fourth": 3}
+    assert pinned.asked == 0 and busy.asked == 0
+    assert_balanced(daemon)
+
+
+def test_a_busy_holder_is_asked_until_it_is_done(pool):
+    daemon, instance = pool
+    busy = instance("busy", in_flight=1)
+    busy.lease(8)
+
+    def finish():
+        time.sleep(0.6)
+        busy.in_flight = 0  # its last request ends; the next ask puts it to sleep
+
+    threading.Thread(target=finish).start()
+    start = time.monotonic()
+    instance("waker").lease(5)
+    assert 0.5 < time.monotonic() - start < 2
+    assert held(daemon) == {"busy": 0, "waker": 5}
+    assert busy.asked >= 2  # asked again while it was busy
+    assert_balanced(daemon)
+
+
+def test_every_holder_pinned_times_out_with_a_clear_error(pool):
+    daemon, instance = pool
+    instance("pinned", pinned=True).lease(8)
+    start = time.monotonic()
+    with pytest.raises(DaemonError, match=r"waited 2 s for 5 chunks; only 2 of 10 are free"):
+        instance("waker").lease(5)
+    assert 1.9 < time.monotonic() - start < 4
+    assert held(daemon) == {"pinned": 8, "waker": 0}
+    assert_balanced(daemon)
+
+
+def test_leases_are_granted_first_come_first_served(pool):
+    daemon, instance = pool
+    holder = instance("holder", in_flight=1)
+    holder.lease(8)
+    first, second = instance("first"), instance("second")
+    seen = {}
+
+    def lease(who, n):
+        who.lease(n)
+        seen[who.model] = held(daemon)  # what the others held once this one was granted
+
+    threads = [threading.Thread(target=lease, args=(first, 6))]
+    threads[0].start()
+    time.sleep(0.3)
+    threads.append(threading.Thread(target=lease, args=(second, 2)))  # would fit first
+    threads[1].start()
+    time.sleep(0.3)
+    assert seen == {}  # 2 chunks are free, but "first" asked before "second"
+    holder.in_flight = 0
+    for t in threads:
+        t.join(5)
+    assert seen["second"]["first"] == 6  # granted only after "first" was
+    assert held(daemon) == {"holder": 0, "first": 6, "second": 2}
+    assert_balanced(daemon)
+
+
+def test_a_lease_larger_than_the_pool_is_refused_at_once(pool):
+    daemon, instance = pool
+    start = time.monotonic()
+    with pytest.raises(DaemonError, match="whole pool is 10 chunks"):
+        instance("huge").lease(11)
+    assert time.monotonic() - start < 1
+    assert_balanced(daemon)
+
+
+def test_a_controller_for_an_unknown_key_is_refused(pool):
+    daemon, _ = pool
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(daemon.socket_path)
+    protocol.send(sock, {"op": "hello", "role": "controller", "key": "nobody"})
+    reply, _ = protocol.recv(sock)
+    assert reply == {"ok": False, "error": "no instance registered with key 'nobody'"}
+    sock.close()
+
+
+def test_an_instance_killed_while_waiting_does_not_hold_up_the_queue(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "d.sock")
+    daemon = Daemon(Backend(), "cpu", 10 * CS, CS, path, wait_timeout=60)
+    daemon.listen()
+    threading.Thread(target=daemon.serve_forever, daemon=True).start()
+    holder = FakeInstance(path, "holder", in_flight=1)
+    holder.lease(8)
+    script = (
+        "import sys; from vllm_mux.daemon.client import Client; "
+        f"c = Client({path!r}, timeout=None); c.hello('doomed'); print('waiting', flush=True); "
+        "c.lease(5)"
+    )
+    doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert doomed.stdout.readline().strip() == "waiting"
+    time.sleep(0.5)  # now first in the queue, waiting for the busy holder
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    start = time.monotonic()
+    instance = FakeInstance(path, "next")
+    instance.lease(2)  # 2 are free: granted once the dead waiter has left the queue
+    assert time.monotonic() - start < 3
+    status = daemon.status()
+    assert [i["model"] for i in status["instances"]] == ["holder", "next"]
+    assert status["balanced"] and status["free_chunks"] == 0
+    for i in (holder, instance):
+        i.close()
+    daemon.shutdown()
