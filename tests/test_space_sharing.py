@@ -59,16 +59,20 @@ def test_two_stay_awake_and_serve_at_once(pool_for_two):
     before = {i["model"]: i["wakes"] for i in daemon.status()["instances"]}
 
     long_answer = []
-    streaming = threading.Thread(
-        target=lambda: long_answer.append(stream_text(a, QUESTION, 200, ignore_eos=True))
-    )
+
+    def stream():
+        long_answer.append(stream_text(a, QUESTION, 400, ignore_eos=True))
+        long_answer.append(time.monotonic())
+
+    streaming = threading.Thread(target=stream)
     streaming.start()
     time.sleep(1)
     for _ in range(3):  # served while smol-a's stream is still running
         assert greedy(b, QUESTION) == solo["smol-b"]
-        assert streaming.is_alive()
-    streaming.join(120)
-    assert long_answer and long_answer[0].startswith(solo["smol-a"])
+    b_done = time.monotonic()
+    streaming.join(300)
+    text, a_done = long_answer
+    assert text.startswith(solo["smol-a"]) and b_done < a_done
 
     status = daemon.status()
     after = {i["model"]: i["wakes"] for i in status["instances"]}

@@ -109,6 +109,29 @@ def _model_path(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from vllm_mux.config import ConfigError, Model, load
+    from vllm_mux.serve import default_config, serve
+
+    try:
+        config = load(args.config) if args.config else default_config()
+    except ConfigError as e:
+        print(f"vllm-mux: invalid config: {e}", file=sys.stderr)
+        return 2
+    if args.model:
+        config.models = []
+        for spec in args.model:
+            name, sep, source = spec.partition("=")
+            if not sep or not name or not source:
+                print(f"vllm-mux: --model takes NAME=SOURCE, not {spec!r}", file=sys.stderr)
+                return 2
+            config.models.append(Model(name, source))
+    for key in ("device", "device_memory", "chunk_size", "host", "port", "api_key"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    return serve(config, args.socket, args.log_dir)
+
+
 def _bench(args) -> int:
     from vllm_mux.bench import switch
 
@@ -135,6 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds a lease waits for other instances to sleep before it fails (default 120)",
     )
     p.set_defaults(run=_daemon)
+
+    p = sub.add_parser("serve", help="the daemon, a vLLM server per model, and one router port")
+    p.add_argument("config", nargs="?", help="a YAML file (see vllm_mux/config.py)")
+    p.add_argument("--model", action="append", metavar="NAME=SOURCE", help="instead of config")
+    p.add_argument("--device")
+    p.add_argument("--device-memory")
+    p.add_argument("--chunk-size")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--api-key")
+    p.add_argument("--socket", default=default_socket())
+    p.add_argument("--log-dir", help="where each process logs (default: a temporary folder)")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("status", help="the daemon's pool and instances")
     p.add_argument("--socket", default=default_socket())

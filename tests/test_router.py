@@ -1,0 +1,516 @@
+"""The router, in front of fake vLLM servers, with a real daemon in this process.
+
+The fakes are real HTTP servers that answer the way vLLM does (JSON, SSE
+streams with pauses, 503 with Retry-After) and record what reached them,
+including clients that went away; clients are the official ``openai``
+package and plain httpx. No vLLM, no model: fast.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_mux.daemon.client import Client
+from vllm_mux.daemon.server import Daemon
+from vllm_mux.memory.cpu import Backend
+from vllm_mux.router import METRICS, make_app
+
+CS = 64 << 10  # small chunks keep the pool cheap
+PAUSE = 0.02  # between two streamed chunks of a fake
+
+
+# -- servers in threads --
+
+
+class Served:
+    """An ASGI app served by uvicorn from a thread, on a port of its own."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+        self.thread.start()
+        assert wait_for(lambda: self.server.started), "uvicorn did not start"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+class FakeVllm:
+    """A vLLM OpenAI server as the router sees it.
+
+    Answers are deterministic: a non-streamed one is ``"<name>: <prompt>"``; a
+    stream is ``max_tokens`` chunks ``"<name>-<i> "``, PAUSE apart. The prompt
+    "die" makes a stream break off after two chunks. ``status`` 503 answers
+    like an instance that cannot wake in time; a ``gate`` holds every request
+    until it is set. ``abandoned`` lists the requests whose client went away.
+    """
+
+    def __init__(self, name: str, status: int = 200, gated: bool = False):
+        self.name, self.status = name, status
+        self.gate = threading.Event() if gated else None
+        self.arrived: list[dict] = []  # headers of every request
+        self.abandoned: list[str] = []
+        app = FastAPI()
+        app.post("/v1/chat/completions")(self.chat)
+        app.post("/v1/completions")(self.completions)
+        self.served = Served(app)
+        self.url = self.served.url
+
+    async def chat(self, request: Request):
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+
+        def chunk(text, finish=None):
+            delta = {"role": "assistant", "content": text} if text else {}
+            return {"object": "chat.completion.chunk", "choices": [{"delta": delta}], "f": finish}
+
+        def answer(text):
+            message = {"role": "assistant", "content": text}
+            return {"object": "chat.completion", "choices": [{"message": message}]}
+
+        return await self._answer(request, body, prompt, chunk, answer)
+
+    async def completions(self, request: Request):
+        body = await request.json()
+
+        def chunk(text, finish=None):
+            return {"object": "text_completion", "choices": [{"text": text}], "f": finish}
+
+        def answer(text):
+            return {"object": "text_completion", "choices": [{"text": text}]}
+
+        return await self._answer(request, body, body["prompt"], chunk, answer)
+
+    async def _answer(self, request, body, prompt, chunk, answer):
+        self.arrived.append(dict(request.headers))
+        if self.gate is not None:
+            while not self.gate.is_set():
+                if await request.is_disconnected():
+                    self.abandoned.append(prompt)
+                    return JSONResponse({}, 499)
+                await asyncio.sleep(0.01)
+        if self.status != 200:
+            error = {"message": "could not wake", "type": "ServiceUnavailableError", "code": 503}
+            return JSONResponse({"error": error}, self.status, headers={"Retry-After": "5"})
+        if not body.get("stream"):
+            return _complete(self.name, answer(f"{self.name}: {prompt}"))
+        return StreamingResponse(
+            self._stream(prompt, body.get("max_tokens") or 4, chunk),
+            media_type="text/event-stream",
+        )
+
+    async def _stream(self, prompt, n, chunk):
+        finished = False
+        try:
+            for i in range(n):
+                if prompt == "die" and i == 2:
+                    raise RuntimeError("the fake instance died mid-stream (on purpose)")
+                yield _sse(_complete(self.name, chunk(f"{self.name}-{i} ")))
+                await asyncio.sleep(PAUSE)
+            yield _sse(_complete(self.name, chunk("", "stop")))
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                self.abandoned.append(prompt)
+
+
+def _complete(model: str, partial: dict) -> dict:
+    """Fill in what the openai client expects around ``partial``."""
+    out = {"id": "fake-1", "created": 0, "model": model, **partial}
+    finish = out.pop("f", "stop")
+    for i, choice in enumerate(out["choices"]):
+        choice.update(index=i, finish_reason=finish, logprobs=None)
+    return out
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+# -- fixtures --
+
+
+@pytest.fixture(scope="module")
+def fakes():
+    started = {
+        "alpha": FakeVllm("alpha"),
+        "beta": FakeVllm("beta"),
+        "busy": FakeVllm("busy", status=503),
+        "slow": FakeVllm("slow", gated=True),
+    }
+    yield started
+    for fake in started.values():
+        if fake.gate is not None:
+            fake.gate.set()
+        fake.served.stop()
+
+
+@pytest.fixture(scope="module")
+def dead_url():
+    """A port nobody listens on: an instance that has exited."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """A real daemon in a thread, with two instances registered by hand:
+    alpha awake (woke once, in 0.25 s, holds 2 chunks), beta asleep."""
+    path = os.path.join(tempfile.mkdtemp(prefix="vmux"), "d.sock")
+    d = Daemon(Backend(), "cpu", 8 * CS, CS, path, wait_timeout=0.5)
+    d.listen()
+    thread = threading.Thread(target=d.serve_forever, daemon=True)
+    thread.start()
+    alpha, beta = Client(path), Client(path)
+    alpha.hello("alpha")
+    ids, fds = alpha.lease(2)
+    for fd in fds:
+        os.close(fd)
+    alpha.set_state("waking")
+    alpha.set_state("awake", wake={"seconds": 0.25})
+    beta.hello("beta")
+    beta.set_state("asleep")
+    yield path
+    alpha.release(ids)  # an instance that leaves holding chunks is waited for
+    alpha.close()
+    beta.close()
+    d.shutdown()
+    thread.join(2)
+
+
+@pytest.fixture
+def router_factory(fakes, dead_url, daemon):
+    """Routers in front of the fakes; the default one knows the daemon."""
+    started = []
+
+    def start(daemon_socket=daemon, **kwargs) -> Served:
+        upstreams = {name: fake.url for name, fake in fakes.items()}
+        upstreams["dead"] = dead_url
+        served = Served(make_app(upstreams, daemon_socket=daemon_socket, **kwargs))
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.stop()
+
+
+@pytest.fixture
+def router(router_factory):
+    return router_factory()
+
+
+def client(router: Served, api_key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{router.url}/v1", api_key=api_key, max_retries=0, timeout=10)
+
+
+def chat(c: openai.OpenAI, model: str, prompt: str = "hi", **kwargs):
+    return c.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], **kwargs
+    )
+
+
+def assert_error(response: httpx.Response, status: int, code, retry_after=None) -> dict:
+    """An error in OpenAI's shape, exactly."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and isinstance(error["type"], str)
+    assert error["code"] == code
+    assert response.headers.get("retry-after") == retry_after
+    return error
+
+
+def assert_serving(router: Served) -> None:
+    """The router still answers after whatever just happened."""
+    answer = chat(client(router), "beta", "still there?")
+    assert answer.choices[0].message.content == "beta: still there?"
+
+
+def metrics(router: Served, **headers) -> dict:
+    """{(sample name, sorted labels): value} from /metrics."""
+    r = httpx.get(f"{router.url}/metrics", headers=headers)
+    assert r.status_code == 200, r.text
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+# -- tests --
+
+
+def test_health_and_models_with_states_from_the_daemon(router):
+    assert httpx.get(f"{router.url}/health").json() == {"status": "ok"}
+    r = httpx.get(f"{router.url}/v1/models")
+    assert r.json()["object"] == "list"
+    models = {m["id"]: m for m in r.json()["data"]}
+    assert {m: models[m]["state"] for m in models} == {
+        "alpha": "awake",
+        "beta": "asleep",
+        "busy": "starting",  # not registered with the daemon
+        "slow": "starting",
+        "dead": "starting",
+    }
+    for m in models.values():
+        assert m["object"] == "model" and m["owned_by"] == "vllm-mux"
+        assert isinstance(m["created"], int)
+    assert sorted(m.id for m in client(router).models.list()) == sorted(models)
+
+
+def test_states_unknown_without_a_daemon(router_factory, tmp_path):
+    for socket_path in (None, str(tmp_path / "nobody.sock")):
+        router = router_factory(daemon_socket=socket_path)
+        states = {m["id"]: m["state"] for m in httpx.get(f"{router.url}/v1/models").json()["data"]}
+        assert set(states.values()) == {"unknown"}
+        m = metrics(router)
+        assert m["vllm_mux:daemon_up", ()] == 0
+        assert m["vllm_mux:model_state", (("model", "alpha"), ("state", "unknown"))] == 1
+        assert m["vllm_mux:model_state", (("model", "alpha"), ("state", "awake"))] == 0
+        assert not any(name == "vllm_mux:pool_bytes_total" for name, _ in m)
+
+
+def test_chat_and_completions_reach_their_model(router, fakes):
+    c = client(router)
+    r = chat(c, "alpha", "hello", extra_headers={"X-Trace": "t1"})
+    assert r.choices[0].message.content == "alpha: hello"
+    assert chat(c, "beta", "hello").choices[0].message.content == "beta: hello"
+    assert c.completions.create(model="beta", prompt="once").choices[0].text == "beta: once"
+    seen = fakes["alpha"].arrived[-1]
+    assert seen["x-trace"] == "t1"  # the client's headers go through...
+    assert "authorization" not in seen  # ...but not its credentials
+    assert seen["host"] == fakes["alpha"].url.removeprefix("http://")
+
+
+def test_streams_pass_through(router):
+    c = client(router)
+    chunks = chat(c, "alpha", "s", stream=True, max_tokens=5)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == "alpha-0 alpha-1 alpha-2 alpha-3 alpha-4 "
+    chunks = c.completions.create(model="beta", prompt="s", stream=True, max_tokens=3)
+    assert "".join(ch.choices[0].text for ch in chunks) == "beta-0 beta-1 beta-2 "
+
+
+def test_a_stream_is_relayed_as_it_comes_not_buffered(router):
+    n = 10
+    body = {"model": "alpha", "prompt": "x", "stream": True, "max_tokens": n}
+    start = time.monotonic()
+    with httpx.stream("POST", f"{router.url}/v1/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        arrivals = [time.monotonic() - start for _ in r.iter_raw()]
+    # The first chunk comes long before the fake has finished writing.
+    assert arrivals[0] < (n - 3) * PAUSE < arrivals[-1], arrivals
+
+
+def test_unknown_model_404(router):
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(client(router), "gamma")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    r = httpx.post(f"{router.url}/v1/completions", json={"model": "gamma", "prompt": "x"})
+    error = assert_error(r, 404, "model_not_found")
+    assert "gamma" in error["message"] and "alpha" in error["message"]
+    assert_serving(router)
+
+
+def test_bad_requests_400(router):
+    r = httpx.post(f"{router.url}/v1/chat/completions", json={"messages": []})
+    assert assert_error(r, 400, None)["param"] == "model"
+    r = httpx.post(f"{router.url}/v1/chat/completions", content=b"{not json")
+    assert_error(r, 400, None)
+    r = httpx.post(f"{router.url}/v1/completions", json=["model", "alpha"])
+    assert_error(r, 400, None)
+    assert_serving(router)
+
+
+def test_upstream_503_passes_through_with_retry_after(router):
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(client(router), "busy")
+    assert e.value.status_code == 503
+    assert e.value.response.headers["retry-after"] == "5"
+    assert e.value.body["message"] == "could not wake"  # the instance's own body
+    r = httpx.post(f"{router.url}/v1/completions", json={"model": "busy", "prompt": "x"})
+    assert r.json()["error"]["type"] == "ServiceUnavailableError"
+    # A stream that the instance refuses is refused the same way.
+    body = {"model": "busy", "prompt": "x", "stream": True}
+    r = httpx.post(f"{router.url}/v1/completions", json=body)
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert_serving(router)
+
+
+def test_dead_upstream_503(router):
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(client(router), "dead")
+    assert e.value.status_code == 503 and e.value.body["code"] == "model_unavailable"
+    for stream in (False, True):
+        body = {"model": "dead", "prompt": "x", "stream": stream}
+        r = httpx.post(f"{router.url}/v1/completions", json=body)
+        assert_error(r, 503, "model_unavailable", retry_after="5")
+    assert_serving(router)
+
+
+def test_upstream_dying_mid_stream_ends_the_stream_with_an_error(router):
+    with pytest.raises(openai.APIError) as e:
+        for _ in chat(client(router), "alpha", "die", stream=True, max_tokens=5):
+            pass
+    assert e.value.body["code"] == "model_unavailable"
+    assert_serving(router)
+
+
+def test_api_key(router_factory, fakes):
+    router = router_factory(api_key="sekret")
+    assert httpx.get(f"{router.url}/health").status_code == 200
+    for path in ("/v1/models", "/metrics"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            r = httpx.get(f"{router.url}{path}", headers=headers)
+            assert_error(r, 401, "invalid_api_key")
+        r = httpx.get(f"{router.url}{path}", headers={"Authorization": "Bearer sekret"})
+        assert r.status_code == 200
+    with pytest.raises(openai.AuthenticationError) as e:
+        chat(client(router, "wrong"), "alpha")
+    assert e.value.body["code"] == "invalid_api_key"
+    answer = chat(client(router, "sekret"), "alpha", "with key")
+    assert answer.choices[0].message.content == "alpha: with key"
+    assert "authorization" not in fakes["alpha"].arrived[-1]
+    assert metrics(router, Authorization="Bearer sekret")  # the router kept serving
+
+
+def test_queue_full_429(router_factory, fakes):
+    router = router_factory(max_queue=1)
+    slow = fakes["slow"]
+    slow.gate.clear()
+    queue = "vllm_mux:request_queue_length", (("model", "slow"),)
+    results = []
+    held = threading.Thread(
+        target=lambda: results.append(chat(client(router), "slow", "first")), daemon=True
+    )
+    held.start()
+    try:
+        assert wait_for(lambda: slow.arrived and metrics(router)[queue] == 1)
+        with pytest.raises(openai.RateLimitError) as e:
+            chat(client(router), "slow", "second")
+        assert e.value.body["code"] == "rate_limit_exceeded"
+        assert e.value.response.headers["retry-after"] == "1"
+        assert_serving(router)  # another model is not held up
+    finally:
+        slow.gate.set()
+    held.join(5)
+    assert results[0].choices[0].message.content == "slow: first"
+    assert metrics(router)[queue] == 0
+    assert chat(client(router), "slow", "third").choices[0].message.content == "slow: third"
+
+
+def test_client_leaving_mid_stream_aborts_the_upstream_request(router, fakes):
+    alpha = fakes["alpha"]
+    stream = chat(client(router), "alpha", "long", stream=True, max_tokens=500)  # 10 s
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    assert wait_for(lambda: "long" in alpha.abandoned), "the fake never saw the client leave"
+    queue = "vllm_mux:request_queue_length", (("model", "alpha"),)
+    assert wait_for(lambda: metrics(router)[queue] == 0)
+    assert_serving(router)
+
+
+def test_client_leaving_while_waiting_aborts_the_upstream_request(router, fakes):
+    slow = fakes["slow"]
+    slow.gate.clear()
+    try:
+        body = {"model": "slow", "prompt": "impatient"}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{router.url}/v1/completions", json=body, timeout=0.3)
+        assert wait_for(lambda: "impatient" in slow.abandoned)
+    finally:
+        slow.gate.set()
+    m = metrics(router)
+    assert m["vllm_mux:requests_total", (("model", "slow"), ("status", "499"))] == 1
+    assert m["vllm_mux:request_queue_length", (("model", "slow"),)] == 0
+    assert_serving(router)
+
+
+def test_32_concurrent_streams_over_two_models(router):
+    async def one(c, model, i):
+        chunks = await c.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"{i}"}], stream=True, max_tokens=8
+        )
+        return "".join([ch.choices[0].delta.content or "" async for ch in chunks])
+
+    async def main():
+        async with openai.AsyncOpenAI(
+            base_url=f"{router.url}/v1", api_key="none", max_retries=0, timeout=20
+        ) as c:
+            models = ["alpha", "beta"] * 16
+            return models, await asyncio.gather(*(one(c, m, i) for i, m in enumerate(models)))
+
+    models, texts = asyncio.run(main())
+    for model, text in zip(models, texts):
+        assert text == "".join(f"{model}-{i} " for i in range(8))
+
+
+def test_metrics(router):
+    c = client(router)
+    chat(c, "alpha")
+    list(chat(c, "alpha", stream=True))
+    with pytest.raises(openai.NotFoundError):
+        chat(c, "gamma")
+    r = httpx.get(f"{router.url}/metrics")
+    assert r.headers["content-type"].startswith("text/plain")
+    families = {f.name for f in text_string_to_metric_families(r.text)}
+    documented = {name.removesuffix("_total") for name, *_ in METRICS}
+    assert documented <= families, documented - families
+    m = metrics(router)
+    assert m["vllm_mux:requests_total", (("model", "alpha"), ("status", "200"))] == 2
+    assert m["vllm_mux:requests_total", (("model", ""), ("status", "404"))] == 1
+    ttft = "vllm_mux:time_to_first_token_seconds"
+    assert m[f"{ttft}_count", (("model", "alpha"),)] == 2
+    assert 0 < m[f"{ttft}_sum", (("model", "alpha"),)] < 5
+    assert (f"{ttft}_count", (("model", "beta"),)) not in m  # nothing sent to beta yet
+    # What the daemon counts, read at scrape time.
+    assert m["vllm_mux:daemon_up", ()] == 1
+    assert m["vllm_mux:model_state", (("model", "alpha"), ("state", "awake"))] == 1
+    assert m["vllm_mux:model_state", (("model", "alpha"), ("state", "asleep"))] == 0
+    assert m["vllm_mux:model_state", (("model", "beta"), ("state", "asleep"))] == 1
+    assert m["vllm_mux:model_state", (("model", "dead"), ("state", "starting"))] == 1
+    assert m["vllm_mux:wakes_total", (("model", "alpha"),)] == 1
+    assert m["vllm_mux:sleeps_total", (("model", "beta"),)] == 1
+    assert m["vllm_mux:last_wake_seconds", (("model", "alpha"),)] == 0.25
+    assert m["vllm_mux:instance_bytes", (("model", "alpha"),)] == 2 * CS
+    assert m["vllm_mux:instance_bytes", (("model", "beta"),)] == 0
+    assert m["vllm_mux:pool_bytes_total", ()] == 8 * CS
+    assert m["vllm_mux:pool_bytes_free", ()] == 6 * CS
+    assert m["vllm_mux:request_queue_length", (("model", "alpha"),)] == 0
+
+
+def test_unknown_path_is_openai_shaped(router):
+    assert_error(httpx.get(f"{router.url}/v1/nothing"), 404, None)
+    assert_error(httpx.get(f"{router.url}/v1/completions"), 405, None)

@@ -1,0 +1,120 @@
+"""The ``vllm-mux serve`` config file: one YAML file for the device and every model.
+
+In the spirit of llama-swap's single file::
+
+    device: cpu
+    device_memory: 2GiB
+    port: 8000
+    models:
+      - name: smol
+        source: smollm2            # a bundled model, or a model directory / id
+        args: [--dtype, float32, --max-model-len, "2048"]
+        idle_ttl: 300              # seconds without a request before it sleeps
+        pinned: false              # never asked to sleep for another model
+
+An invalid file is refused at start with its line and the reason.
+"""
+
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names the file, line and reason."""
+
+
+@dataclass
+class Model:
+    name: str
+    source: str
+    args: list[str] = field(default_factory=list)
+    idle_ttl: float | None = None
+    pinned: bool = False
+
+
+@dataclass
+class Config:
+    models: list[Model]
+    device: str = "cpu"
+    device_memory: str = "2GiB"
+    chunk_size: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+
+
+_TOP = {"device": str, "device_memory": str, "chunk_size": str, "host": str, "port": int}
+_TOP |= {"api_key": str, "models": list}
+_MODEL = {"name": str, "source": str, "args": (list, dict), "idle_ttl": (int, float)}
+_MODEL |= {"pinned": bool}
+
+
+def load(path: str) -> Config:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        line = e.problem_mark.line + 1 if e.problem_mark else "?"
+        raise ConfigError(f"{path}:{line}: {e.problem}") from None
+
+    def fail(node, reason: str):
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: {reason}")
+
+    if root is None:
+        raise ConfigError(f"{path}:1: the file is empty")
+    if not isinstance(root, yaml.MappingNode):
+        fail(root, "the file must be a mapping (device, device_memory, models, ...)")
+    nodes = {k.value: (k, v) for k, v in root.value}  # key -> (key node, value node)
+    _check(nodes, data, _TOP, "", fail, root)
+    if "models" not in data or not data["models"]:
+        fail(root, "models: at least one model is needed")
+    models, seen = [], set()
+    for node, entry in zip(nodes["models"][1].value, data["models"]):
+        if not isinstance(entry, dict):
+            fail(node, "a model is a mapping with name and source")
+        fields = {k.value: (k, v) for k, v in node.value}
+        _check(fields, entry, _MODEL, "models[].", fail, node)
+        for required in ("name", "source"):
+            if required not in entry:
+                fail(node, f"a model needs {required}")
+        if entry["name"] in seen:
+            fail(fields["name"][1], f"model name {entry['name']!r} is used twice")
+        seen.add(entry["name"])
+        args = entry.get("args", [])
+        if isinstance(args, dict):  # {max-model-len: 2048, enforce-eager: true}
+            args = [a for k, v in args.items() for a in _flag(k, v)]
+        models.append(
+            Model(entry["name"], entry["source"], [str(a) for a in args],
+                  entry.get("idle_ttl"), entry.get("pinned", False))
+        )  # fmt: skip
+    top = {k: v for k, v in data.items() if k != "models"}
+    return Config(models=models, **top)
+
+
+def _check(nodes: dict, data: dict, schema: dict, prefix: str, fail, parent) -> None:
+    for key, value in data.items():
+        if key not in schema:
+            fail(nodes[key][0], f"unknown key {prefix}{key} (known: {', '.join(schema)})")
+        want = schema[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            fail(nodes[key][1], f"{prefix}{key} must be {names}, not {type(value).__name__}")
+
+
+def _flag(key: str, value) -> list:
+    flag = key if key.startswith("--") else f"--{key}"
+    if value is True:
+        return [flag]
+    if value is False or value is None:
+        return []
+    return [flag, value]
