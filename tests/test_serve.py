@@ -1,0 +1,210 @@
+"""`vllm-mux serve`: one OpenAI port for two models on a pool that holds one."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from vllm_mux.daemon.client import Client
+from vllm_mux.launch import free_port
+
+pytestmark = pytest.mark.vllm
+
+KEY = "sk-test"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory, model_dir):
+    tmp = tmp_path_factory.mktemp("serve")
+    port, sock = free_port(), str(tmp / "mux.sock")
+    argv = [sys.executable, "-m", "vllm_mux.cli", "serve", "--port", str(port)]
+    argv += ["--socket", sock, "--log-dir", str(tmp / "logs"), "--api-key", KEY]
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp / "serve.log").read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    else:
+        pytest.fail("vllm-mux serve did not start")
+    yield proc, url, sock, tmp
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def books(sock: str) -> dict:
+    c = Client(sock)
+    try:
+        status = c.status()
+    finally:
+        c.close()
+    assert status["balanced"]
+    assert status["leased_chunks"] + status["free_chunks"] == status["total_chunks"]
+    for i in status["instances"]:
+        assert i["state"] != "asleep" or i["chunks"] == 0
+    return status
+
+
+def test_chat_and_completions_for_two_models(serve):
+    proc, url, sock, _ = serve
+    c = client(url)
+    answers = {}
+    for round_ in range(2):
+        for model in ("smol-a", "smol-b"):
+            chat = c.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": QUESTION}],
+                max_tokens=16, temperature=0,
+            )  # fmt: skip
+            streamed = "".join(
+                chunk.choices[0].delta.content or ""
+                for chunk in c.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": QUESTION}],
+                    max_tokens=16,
+                    temperature=0,
+                    stream=True,
+                )  # fmt: skip
+                if chunk.choices
+            )
+            text = c.completions.create(
+                model=model, prompt="The sky is", max_tokens=8, temperature=0
+            )
+            streamed_text = "".join(
+                chunk.choices[0].text
+                for chunk in c.completions.create(
+                    model=model, prompt="The sky is", max_tokens=8, temperature=0, stream=True
+                )
+            )
+            got = (chat.choices[0].message.content, streamed, text.choices[0].text, streamed_text)
+            assert got[0] == got[1] and got[2] == got[3]
+            assert "Paris" in got[0]
+            # the same model under another name, and after switches: the same answers
+            answers.setdefault("any", got)
+            assert got == answers["any"], (round_, model)
+            books(sock)
+
+    models = {m.id: m for m in c.models.list().data}
+    assert set(models) == {"smol-a", "smol-b"}
+    status = books(sock)
+    wakes = {i["model"]: i["wakes"] for i in status["instances"]}
+    assert wakes["smol-a"] >= 1 and wakes["smol-b"] >= 1
+    metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    woke = {
+        s.labels["model"]: s.value
+        for s in families["vllm_mux:wakes"].samples
+        if s.name.endswith("_total")
+    }
+    assert woke == {m: float(w) for m, w in wakes.items()}
+
+
+def test_thirty_two_concurrent_streams_complete(serve):
+    proc, url, sock, _ = serve
+    c = client(url)
+    done, errors = [], []
+
+    def stream(k: int) -> None:
+        try:
+            chunks = c.chat.completions.create(
+                model=("smol-a", "smol-b")[k % 2], stream=True, max_tokens=12, temperature=0,
+                messages=[{"role": "user", "content": QUESTION}],
+            )  # fmt: skip
+            done.append("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices))
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(400)
+    assert errors == [] and len(done) == 32 and all("Paris" in d for d in done)
+    books(sock)
+
+
+def test_errors_are_openai_shaped_and_the_server_keeps_serving(serve):
+    proc, url, sock, _ = serve
+    chat = {"model": "smol-a", "messages": [{"role": "user", "content": QUESTION}]}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cases = [
+        (httpx.post(f"{url}/v1/chat/completions", json=chat), 401, "invalid_api_key"),
+        (httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}), 401, None),
+        (
+            httpx.post(f"{url}/v1/chat/completions", json={**chat, "model": "gpt-9"}, headers=auth),
+            404,
+            "model_not_found",
+        ),
+    ]
+    for response, status, code in cases:
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert error["message"] and "type" in error
+        if code:
+            assert error["code"] == code
+    assert httpx.get(f"{url}/health").status_code == 200  # no key needed
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json={**chat, "max_tokens": 8}, headers=auth, timeout=300
+    )
+    assert r.status_code == 200
+    books(sock)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_request(serve):
+    proc, url, sock, _ = serve
+    body = {"model": "smol-b", "prompt": "Once upon a time", "max_tokens": 1000}
+    body |= {"ignore_eos": True, "stream": True, "temperature": 0}
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json=body, timeout=300,
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as r:  # fmt: skip
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 5:
+                break
+        running = {i["model"]: i["in_flight"] for i in books(sock)["instances"]}
+        assert running["smol-b"] == 1
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        running = {i["model"]: i["in_flight"] for i in books(sock)["instances"]}
+        if running["smol-b"] == 0:
+            break
+        time.sleep(0.2)
+    assert running["smol-b"] == 0  # upstream aborted the request, well before 1000 tokens
+
+
+def test_sigterm_leaves_no_process_behind(serve):
+    proc, url, sock, tmp = serve
+    family = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    assert len(family) >= 5  # serve, daemon, and each server with its engine and worker
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in family):
+        time.sleep(0.2)
+    assert not [p for p in family if _alive(p)]
+    assert not os.path.exists(sock)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
