@@ -69,7 +69,7 @@ class FakeInstance:
                     self.sleeping = True
                     threading.Thread(target=self.sleep).start()
                 reply = {"ok": True}
-            protocol.send(self.control, reply)
+            protocol.send(self.control, {**reply, "seq": message.get("seq")})
 
     def close(self) -> None:
         self.worker.close()

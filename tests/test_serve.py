@@ -176,9 +176,12 @@ def test_a_client_that_leaves_mid_stream_frees_its_request(serve):
         "POST", f"{url}/v1/completions", json=body, timeout=300,
         headers={"Authorization": f"Bearer {KEY}"},
     ) as r:  # fmt: skip
-        for i, _ in enumerate(r.iter_lines()):
-            if i == 5:
+        lines = []
+        for line in r.iter_lines():
+            lines.append(line)
+            if len(lines) == 5:
                 break
+        assert all(line.startswith("data: {") or not line for line in lines), lines
         running = {i["model"]: i["in_flight"] for i in books(sock)["instances"]}
         assert running["smol-b"] == 1
     deadline = time.monotonic() + 30

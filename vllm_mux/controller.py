@@ -175,7 +175,7 @@ class Controller:
             else:
                 reply = {"ok": False, "error": f"cannot {op!r}"}
             try:
-                protocol.send(sock, reply)
+                protocol.send(sock, {**reply, "seq": message.get("seq")})
             except OSError:
                 return self._daemon_lost()
 

@@ -57,14 +57,21 @@ class Controller:
     def __init__(self, conn: socket.socket, pinned: bool, idle_ttl: float):
         self.conn, self.pinned, self.idle_ttl = conn, pinned, idle_ttl
         self.lock = threading.Lock()
+        self.seq = 0
         conn.settimeout(5)
 
     def ask(self, op: str) -> dict | None:
-        """The controller's reply, or None if it is gone or mute."""
+        """The controller's reply, or None if it is gone or mute. Each question
+        carries a number: a late answer to an earlier one is skipped, not taken
+        for this one's."""
         with self.lock:
+            self.seq += 1
             try:
-                protocol.send(self.conn, {"op": op})
-                reply, _ = protocol.recv(self.conn)
+                protocol.send(self.conn, {"op": op, "seq": self.seq})
+                while True:
+                    reply, _ = protocol.recv(self.conn)
+                    if reply is None or reply.get("seq") == self.seq:
+                        break
             except (OSError, protocol.ProtocolError):
                 return None
         return reply if reply and reply.get("ok") else None
