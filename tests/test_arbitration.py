@@ -236,3 +236,27 @@ def test_an_instance_killed_while_waiting_does_not_hold_up_the_queue(tmp_path):
     for i in (holder, instance):
         i.close()
     daemon.shutdown()
+
+
+def test_a_starting_instance_finishes_ahead_of_the_queue(pool):
+    """Two instances starting at once: the first has its weights and needs its
+    KV cache; the second waits for memory the first can only give back once it
+    has started. The first may go ahead, or both would wait forever."""
+    daemon, instance = pool
+    path = daemon.socket_path
+    first = Client(path, timeout=30)
+    first.hello("first", key="first")  # no controller yet: still starting
+    weights, _ = first.lease(5)
+    second = FakeInstance(path, "second")
+    waiting = threading.Thread(target=second.lease, args=(6,))
+    waiting.start()  # 5 free: second waits at the head of the queue
+    time.sleep(0.3)
+    start = time.monotonic()
+    kv_cache, _ = first.lease(3)  # fits in what is free: granted at once
+    assert time.monotonic() - start < 1
+    assert held(daemon) == {"first": 8, "second": 0}
+    first.release(weights + kv_cache)
+    waiting.join(5)
+    assert held(daemon) == {"first": 0, "second": 6}
+    assert_balanced(daemon)
+    first.close()

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     bp = bsub.add_parser("switch", help="sleep, wake and time-to-first-token of a real instance")
     bp.add_argument("--model", default="smollm2", help="a bundled model name or a directory")
     bp.add_argument("--cycles", type=int, default=10)
+    bp.add_argument("--device-memory", default="1GiB", help="the pool (default: one SmolLM2)")
     bp.add_argument("--output", help="also write the results as JSON here")
     bp.set_defaults(run=_bench)
 

@@ -277,7 +277,10 @@ class Daemon:
     def _lease(self, me: Instance, n: int) -> list[int]:
         """Grant ``n`` chunks, asking other instances to sleep if they do not fit.
 
-        Waits up to ``wait_timeout``; leases are granted first come, first served.
+        Waits up to ``wait_timeout``; leases are granted first come, first served,
+        with one exception: an instance that is still starting (it holds chunks
+        but has no controller yet, so nobody can ask it to sleep) may take free
+        chunks ahead of the queue, since the queue may be waiting for it.
         """
         deadline = time.monotonic() + self.wait_timeout
         with self.lock:
@@ -286,7 +289,8 @@ class Daemon:
         try:
             while True:
                 with self.lock:
-                    if self.waiters[0] == me.id and n <= len(self.pool.free):
+                    starting = me.controller is None and self.pool.held_by(me.id)
+                    if (self.waiters[0] == me.id or starting) and n <= len(self.pool.free):
                         ids = self.pool.lease(me.id, n)
                         me.last_active = time.time()
                         return ids
