@@ -113,7 +113,7 @@ def switch(args) -> int:
         # Hot throughput, alternating so drift hits both alike; best of rounds.
         tps = {"mux": [], "plain": []}
         for _ in range(2):
-            for s in servers:
+            for s in (mux, plain):
                 tps[s.name].append(tokens_per_second(s))
 
         # What users do today to switch models: stop one vLLM, start another.
