@@ -260,3 +260,19 @@ def test_a_starting_instance_finishes_ahead_of_the_queue(pool):
     assert held(daemon) == {"first": 0, "second": 6}
     assert_balanced(daemon)
     first.close()
+
+
+def test_wake_and_sleep_latencies_are_kept_as_histograms(pool):
+    daemon, instance = pool
+    fake = instance("timed")
+    fake.worker.set_state("waking")
+    fake.worker.set_state("awake", wake={"seconds": 0.3})
+    fake.worker.set_state("sleeping")
+    fake.worker.set_state("asleep", sleep={"seconds": 0.04})
+    (me,) = daemon.status()["instances"]
+    wake, sleep = me["wake_latency"], me["sleep_latency"]
+    assert (wake["count"], wake["sum"], sleep["count"], sleep["sum"]) == (1, 0.3, 1, 0.04)
+    counts = dict(zip(wake["le"], wake["counts"]))
+    assert counts[0.25] == 0 and counts[0.5] == 1 and counts[120.0] == 1  # cumulative
+    assert dict(zip(sleep["le"], sleep["counts"]))[0.05] == 1
+    assert me["last_wake"] == {"seconds": 0.3} and me["wakes"] == 1 and me["sleeps"] == 1

@@ -112,8 +112,9 @@ class Instance:
         self.client.set_state("sleeping")
         self._release_all()
         self.asleep = True
-        self.client.set_state("asleep")
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.client.set_state("asleep", sleep={"seconds": seconds})
+        return seconds
 
     def wake(self) -> float:
         """Lease chunks, map them at the old addresses, copy the weights in."""

@@ -30,6 +30,25 @@ from vllm_mux.daemon.pool import Pool, PoolError
 log = logging.getLogger("vllm_mux.daemon")
 
 STATES = ("starting", "awake", "sleeping", "asleep", "waking")
+# Upper bounds (seconds) of the wake and sleep latency histograms kept per instance.
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
+
+
+def _latency() -> dict:
+    return {
+        "le": list(LATENCY_BUCKETS),
+        "counts": [0] * len(LATENCY_BUCKETS),
+        "sum": 0.0,
+        "count": 0,
+    }
+
+
+def _observe(histogram: dict, seconds: float) -> None:
+    """Cumulative buckets, as Prometheus wants them."""
+    histogram["sum"] += seconds
+    histogram["count"] += 1
+    for i, bound in enumerate(LATENCY_BUCKETS):
+        histogram["counts"][i] += seconds <= bound
 
 
 @dataclass
@@ -48,6 +67,8 @@ class Instance:
     wakes: int = 0
     sleeps: int = 0
     last_wake: dict = field(default_factory=dict)  # timings the instance measured
+    wake_latency: dict = field(default_factory=_latency)
+    sleep_latency: dict = field(default_factory=_latency)
 
 
 class Controller:
@@ -264,8 +285,13 @@ class Daemon:
                 me.sleeps += state == "asleep"
                 me.state = state
                 me.last_active = time.time()
-                if state == "awake" and isinstance(message.get("wake"), dict):
-                    me.last_wake = message["wake"]
+                facts = message.get("wake") or message.get("sleep")
+                if isinstance(facts, dict) and isinstance(facts.get("seconds"), int | float):
+                    if state == "awake":
+                        me.last_wake = facts
+                        _observe(me.wake_latency, facts["seconds"])
+                    elif state == "asleep":
+                        _observe(me.sleep_latency, facts["seconds"])
             return self._ok(), [], me
         raise ValueError(f"unknown op {op!r}")
 
@@ -403,6 +429,8 @@ class Daemon:
                         "wakes": inst.wakes,
                         "sleeps": inst.sleeps,
                         "last_wake": inst.last_wake,
+                        "wake_latency": inst.wake_latency,
+                        "sleep_latency": inst.sleep_latency,
                     }
                 )
             return self._ok(

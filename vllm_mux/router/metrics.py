@@ -21,7 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 # (name as scraped, type, labels, meaning): the table the README shows.
 METRICS = [
@@ -33,8 +38,11 @@ METRICS = [
     ("vllm_mux:wakes_total", "counter", "model", "wakes, as counted by the daemon"),
     ("vllm_mux:sleeps_total", "counter", "model", "sleeps, as counted by the daemon"),
     ("vllm_mux:last_wake_seconds", "gauge", "model",
-     "duration of the last wake as the instance measured it (the daemon keeps no more, hence "
-     "no histogram)"),
+     "duration of the last wake as the instance measured it"),
+    ("vllm_mux:wake_latency_seconds", "histogram", "model",
+     "wakes by duration (lease, map, copy the weights in), as the instances measured them"),
+    ("vllm_mux:sleep_latency_seconds", "histogram", "model",
+     "sleeps by duration (unmap, hand the memory back), as the instances measured them"),
     ("vllm_mux:instance_bytes", "gauge", "model", "device memory the model's instances hold"),
     ("vllm_mux:pool_bytes_total", "gauge", "", "size of the daemon's pool"),
     ("vllm_mux:pool_bytes_free", "gauge", "", "free memory in the daemon's pool"),
@@ -158,6 +166,23 @@ class _DaemonCollector:
         for model, seconds in wake_seconds.items():
             last_wake.add_metric([model], seconds)
         yield from (wakes, sleeps, held, last_wake)
+
+        for kind in ("wake", "sleep"):
+            name = f"vllm_mux:{kind}_latency_seconds"
+            histogram = HistogramMetricFamily(name, _help(name), labels=["model"])
+            merged = {}
+            for inst in status["instances"]:
+                h = inst.get(f"{kind}_latency")
+                if not h:
+                    continue
+                m = merged.setdefault(inst["model"], {"le": h["le"], "counts": [0] * len(h["le"])})
+                m["counts"] = [a + b for a, b in zip(m["counts"], h["counts"])]
+                m["sum"] = m.get("sum", 0.0) + h["sum"]
+                m["count"] = m.get("count", 0) + h["count"]
+            for model, h in merged.items():
+                buckets = [(str(le), c) for le, c in zip(h["le"], h["counts"])]
+                histogram.add_metric([model], [*buckets, ("+Inf", h["count"])], h["sum"])
+            yield histogram
 
         size = status["chunk_size"]
         yield GaugeMetricFamily(
