@@ -109,6 +109,11 @@ def test_chat_and_completions_for_two_models(serve):
     assert wakes["smol-a"] >= 1 and wakes["smol-b"] >= 1
     metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    table = subprocess.run(
+        [sys.executable, "-m", "vllm_mux.cli", "status", "--socket", sock],
+        capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert "smol-a" in table and "smol-b" in table and "awake" in table
     woke = {
         s.labels["model"]: s.value
         for s in families["vllm_mux:wakes"].samples
