@@ -479,7 +479,7 @@ def test_lease_of_more_than_250_chunks(live):
         st = d.status()
         assert st["leased_chunks"] == 300 and st["free_chunks"] == 20
         assert_balanced(st)
-        with pytest.raises(DaemonError, match="only 20 of 320"):
+        with pytest.raises(DaemonError, match="the pool has 320 and this instance holds 300"):
             c.lease(21)
         # the connection is still in step after the batched reply and the refusal
         more, more_fds = c.lease(20)

@@ -311,6 +311,14 @@ class Daemon:
         deadline = time.monotonic() + self.wait_timeout
         with self.lock:
             self.pool.check(n)
+            mine = len(self.pool.held_by(me.id))
+            if n > self.pool.total - mine:
+                raise PoolError(
+                    f"asks for {n} chunks; the pool has {self.pool.total} and this instance "
+                    f"holds {mine} already: the pool is too small for it even with every other "
+                    "instance asleep; start the daemon with a larger --device-memory or give "
+                    "the model less memory"
+                )
             self.waiters.append(me.id)
         try:
             while True:
