@@ -18,6 +18,7 @@ longer accounted for, so the controller stops the server rather than go on.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -38,8 +39,10 @@ class WakeError(RuntimeError):
 
 
 class Controller:
-    def __init__(self, socket_path, key, sleep, wake_up, idle_ttl, pinned, loop):
+    def __init__(self, socket_path, key, sleep, wake_up, idle_ttl, pinned, loop, on_lost=None):
         self._sleep, self._wake_up = sleep, wake_up  # the engine's own coroutines
+        # What to do when the daemon is gone: stop this server (SIGTERM to self).
+        self._on_lost = on_lost or (lambda: os.kill(os.getpid(), signal.SIGTERM))
         self.idle_ttl, self.pinned, self.loop = idle_ttl, pinned, loop
         self.state = "awake"  # awake, sleeping, asleep, waking
         self.draining = False  # asked to sleep: new requests wait, in-flight finish
@@ -84,7 +87,15 @@ class Controller:
                 await self.changed.wait()
             else:
                 return
-        await self.wake()
+        await self._unowned(self.wake())
+
+    def _unowned(self, coroutine):
+        """Run an engine transition in a task of its own: a request that
+        started it may be cancelled (its client left), the transition must
+        still finish and leave the state true."""
+        task = self.loop.create_task(coroutine)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+        return asyncio.shield(task)
 
     async def wake(self) -> None:
         """Wake now (the caller has set state to 'waking')."""
@@ -111,14 +122,26 @@ class Controller:
             if self.state != "awake" or self.draining:
                 return False
             self.draining = True
-            if drain:
-                await self.changed.wait_for(lambda: self.in_flight == 0)
+            try:
+                if drain:
+                    await self.changed.wait_for(lambda: self.in_flight == 0)
+            except BaseException:  # cancelled while draining: serve again
+                self.draining = False
+                self.changed.notify_all()
+                raise
             self.state = "sleeping"
+        return await self._unowned(self._enter_sleep(upstream_kwargs))
+
+    async def _enter_sleep(self, upstream_kwargs: dict) -> bool:
         try:
             await self._sleep(**upstream_kwargs)
             state = "asleep"
         except Exception:
+            # The engine paused its scheduler before the worker failed: a wake
+            # (the executor is not asleep) resumes it.
             log.exception("sleep failed; staying awake")
+            with contextlib.suppress(Exception):
+                await self._wake_up()
             state = "awake"
         async with self.changed:
             self.state, self.draining = state, False
@@ -132,7 +155,7 @@ class Controller:
             if self.state == "awake":
                 return
             self.state = "waking"
-        await self.wake()
+        await self._unowned(self.wake())
 
     async def _sleep_when_idle(self) -> None:
         if self.idle_ttl <= 0 or self.pinned:
@@ -169,8 +192,10 @@ class Controller:
             op = message.get("op")
             if op == "report":
                 reply = self.report()
-            elif op == "sleep" and not self.pinned:
-                asyncio.run_coroutine_threadsafe(self.sleep(), self.loop)
+            elif op == "sleep" and not self.pinned and self.state == "awake":
+                # "ok" tells the daemon this instance's memory is coming back.
+                if not self.draining:
+                    asyncio.run_coroutine_threadsafe(self.sleep(), self.loop)
                 reply = {"ok": True}
             else:
                 reply = {"ok": False, "error": f"cannot {op!r}"}
@@ -185,4 +210,4 @@ class Controller:
             "for; stopping the server",
             self.daemon.socket_path,
         )
-        os.kill(os.getpid(), signal.SIGTERM)
+        self._on_lost()

@@ -11,9 +11,9 @@ This module knows torch and the daemon, not vLLM: the patches hand it the
 model's tensors and run vLLM's KV-cache allocation inside ``allocations()``.
 """
 
+import contextlib
 import logging
 import time
-from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,8 +49,9 @@ class Instance:
             self._map(arena, *self.client.lease(chunks))
 
     def _map(self, arena: Arena, ids: list[int], fds: list[int]) -> None:
-        arena.map([self.backend.import_(fd, self.chunk_size) for fd in fds])
+        # Ours on the books from now on, mapped or not: _release_all returns them.
         self.leases[id(arena)] += ids
+        arena.map([self.backend.import_(fd, self.chunk_size) for fd in fds])
 
     @torch.no_grad()
     def adopt_weights(self, tensors: list[torch.Tensor]) -> int:
@@ -88,7 +89,7 @@ class Instance:
         self.backend.synchronize()
         return time.perf_counter() - start
 
-    @contextmanager
+    @contextlib.contextmanager
     def allocations(self):
         """Serve every tensor created inside from the KV-cache arena.
 
@@ -110,8 +111,8 @@ class Instance:
             return 0.0
         start = time.perf_counter()
         self.client.set_state("sleeping")
+        self.asleep = True  # from the first unmap on: a wake must map again
         self._release_all()
-        self.asleep = True
         seconds = time.perf_counter() - start
         self.client.set_state("asleep", sleep={"seconds": seconds})
         return seconds
@@ -127,14 +128,23 @@ class Instance:
             # two waking instances need and wait on each other.
             n = self.weights.size // self.chunk_size
             ids, fds = self.client.lease(n + self.kv_cache.size // self.chunk_size)
-            self._map(self.weights, ids[:n], fds[:n])
-            self._map(self.kv_cache, ids[n:], fds[n:])
+            self.leases[id(self.weights)] += ids[:n]  # ours on the books, mapped or not
+            self.leases[id(self.kv_cache)] += ids[n:]
+            chunks = [self.backend.import_(fd, self.chunk_size) for fd in fds]
+            try:
+                self.weights.map(chunks[:n])
+            except BaseException:
+                for chunk in chunks[n:]:
+                    self.backend.release(chunk)
+                raise
+            self.kv_cache.map(chunks[n:])
             mapped = time.perf_counter()
             self.weights.view().copy_(self.host)
             self.backend.synchronize()
         except BaseException:
-            self._release_all()  # end asleep, holding nothing
-            self.client.set_state("asleep")
+            with contextlib.suppress(Exception):  # the first error is the one to tell
+                self._release_all()  # end asleep, holding nothing
+                self.client.set_state("asleep")
             raise
         done = time.perf_counter()
         self.asleep = False
@@ -154,9 +164,10 @@ class Instance:
         for arena in (self.weights, self.kv_cache):
             arena.unmap()
             ids += self.leases[id(arena)]
-            self.leases[id(arena)] = []
         if ids:
-            self.client.release(ids)
+            self.client.release(ids)  # if this fails, the ids stay ours to release
+        for arena in (self.weights, self.kv_cache):
+            self.leases[id(arena)] = []
 
 
 class _ArenaAllocations(TorchDispatchMode):

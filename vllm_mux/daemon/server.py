@@ -97,6 +97,10 @@ class Controller:
                 return None
         return reply if reply and reply.get("ok") else None
 
+    def close(self) -> None:
+        with self.lock:  # never under a question in flight; later ones fail
+            self.conn.close()
+
 
 class Daemon:
     def __init__(
@@ -224,6 +228,8 @@ class Daemon:
                 error = f"no instance registered with key {key!r}" if not found else "bad idle_ttl"
                 protocol.send(conn, {"ok": False, "error": error})
                 return False
+            if found[0].controller:  # a controller that connects again replaces the old
+                found[0].controller.close()
             found[0].controller = Controller(conn, bool(message.get("pinned")), float(ttl))
         protocol.send(conn, self._ok(instance=found[0].id))
         return True
@@ -404,7 +410,7 @@ class Daemon:
             del self.instances[me.id]
             self.changed.notify_all()
         if me.controller:
-            me.controller.conn.close()
+            me.controller.close()
         os.close(me.pidfd)
         if returned:
             log.warning("instance %d exited; %d chunks back in the pool", me.id, len(returned))

@@ -36,12 +36,20 @@ class Arena:
         return max(0, -(-end // self.chunk_size) - len(self.chunks))
 
     def map(self, chunks: list) -> None:
-        """Map ``chunks`` after those already mapped."""
-        if self.mapped + len(chunks) * self.chunk_size > self.capacity:
-            raise ValueError("arena capacity exceeded")
-        for chunk in chunks:
-            self.backend.map(chunk, self.base + self.mapped, self.prefault)
-            self.chunks.append(chunk)
+        """Map ``chunks`` after those already mapped. If one fails, those not
+        mapped are released; those mapped stay, for unmap() to take back."""
+        done = 0
+        try:
+            if self.mapped + len(chunks) * self.chunk_size > self.capacity:
+                raise ValueError("arena capacity exceeded")
+            for chunk in chunks:
+                self.backend.map(chunk, self.base + self.mapped, self.prefault)
+                self.chunks.append(chunk)
+                done += 1
+        except BaseException:
+            for chunk in chunks[done:]:
+                self.backend.release(chunk)
+            raise
         self.size = max(self.size, self.mapped)
 
     def unmap(self) -> list:

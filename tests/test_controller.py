@@ -1,0 +1,107 @@
+"""The controller's states under cancellation, with a fake engine and a real daemon."""
+
+import asyncio
+import threading
+
+import pytest
+
+from vllm_mux.controller import Controller, WakeError
+from vllm_mux.daemon.client import Client
+from vllm_mux.daemon.server import Daemon
+from vllm_mux.memory.cpu import Backend
+
+
+@pytest.fixture
+def daemon_socket(tmp_path):
+    path = str(tmp_path / "d.sock")
+    daemon = Daemon(Backend(), "cpu", 4 << 20, 1 << 20, path, wait_timeout=1)
+    daemon.listen()
+    threading.Thread(target=daemon.serve_forever, daemon=True).start()
+    worker = Client(path)
+    worker.hello("fake", key="k")  # the instance the controller joins
+    yield path
+    worker.close()
+    daemon.shutdown()
+
+
+def make(path, *, wake_seconds=0.3, wake_fails=False):
+    calls = {"wake": 0, "sleep": 0}
+
+    async def wake_up():
+        calls["wake"] += 1
+        await asyncio.sleep(wake_seconds)
+        if wake_fails:
+            raise RuntimeError("no memory in time")
+
+    async def sleep(**kwargs):
+        calls["sleep"] += 1
+
+    loop = asyncio.get_running_loop()
+    controller = Controller(
+        path, "k", sleep, wake_up, idle_ttl=0, pinned=False, loop=loop, on_lost=lambda: None
+    )
+    return controller, calls
+
+
+async def use(controller) -> None:
+    async with controller.request():
+        await asyncio.sleep(0)
+
+
+def test_a_request_cancelled_during_the_wake_leaves_it_awake(daemon_socket):
+    async def main():
+        controller, calls = make(daemon_socket)
+        assert await controller.sleep()
+        assert controller.state == "asleep"
+        first = asyncio.ensure_future(use(controller))
+        await asyncio.sleep(0.05)
+        assert controller.state == "waking"
+        first.cancel()  # its client left mid-wake
+        await asyncio.sleep(0.5)
+        assert controller.state == "awake"  # the wake finished all the same
+        await asyncio.wait_for(use(controller), 2)  # and the next request goes through
+        assert calls == {"wake": 1, "sleep": 1}
+        assert (controller.in_flight, controller.waiting) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_failed_wake_fails_its_waiters_and_the_next_request_retries(daemon_socket):
+    async def main():
+        controller, calls = make(daemon_socket, wake_fails=True)
+        await controller.sleep()
+        results = await asyncio.gather(*(use(controller) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(r, WakeError) for r in results)
+        assert controller.state == "asleep" and calls["wake"] == 1  # one wake, joined
+        with pytest.raises(WakeError):
+            await use(controller)
+        assert calls["wake"] == 2  # tried again
+        assert (controller.in_flight, controller.waiting) == (0, 0)
+
+    asyncio.run(main())
+
+
+def test_a_drain_waits_for_requests_in_flight(daemon_socket):
+    async def main():
+        controller, calls = make(daemon_socket)
+        release = asyncio.Event()
+
+        async def long_request():
+            async with controller.request():
+                await release.wait()
+
+        running = asyncio.ensure_future(long_request())
+        await asyncio.sleep(0.05)
+        sleeping = asyncio.ensure_future(controller.sleep())
+        await asyncio.sleep(0.1)
+        assert controller.draining and controller.state == "awake" and calls["sleep"] == 0
+        waiting = asyncio.ensure_future(use(controller))  # held while draining
+        await asyncio.sleep(0.1)
+        assert controller.waiting == 1
+        release.set()
+        await running
+        assert await sleeping
+        await asyncio.wait_for(waiting, 2)  # then it woke the instance again
+        assert calls == {"wake": 1, "sleep": 1} and controller.state == "awake"
+
+    asyncio.run(main())
