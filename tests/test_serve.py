@@ -42,8 +42,12 @@ def serve(tmp_path_factory, model_dir):
     else:
         pytest.fail("vllm-mux serve did not start")
     yield proc, url, sock, tmp
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:  # the SIGTERM test did not run: serve stops its children
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
     log.close()
 
 
