@@ -202,9 +202,12 @@ def tiny_model_dir(tmp_path_factory, model_dir) -> str:
     return str(out)
 
 
-def stream_text(server: VllmServer, prompt: str, max_tokens: int = 24, ignore_eos=False) -> str:
+def stream_text(
+    server: VllmServer, prompt: str, max_tokens: int = 24, ignore_eos=False, stop=None
+) -> str:
     """A streamed greedy chat answer, joined; ``ignore_eos`` makes it exactly
-    ``max_tokens`` long (a vLLM extension), to keep an instance busy."""
+    ``max_tokens`` long (a vLLM extension), to keep an instance busy; setting
+    the event ``stop`` hangs up early (vLLM aborts the request)."""
     import json
 
     body = {
@@ -222,4 +225,6 @@ def stream_text(server: VllmServer, prompt: str, max_tokens: int = 24, ignore_eo
             if line.startswith("data: ") and line != "data: [DONE]":
                 delta = json.loads(line[6:])["choices"][0]["delta"]
                 parts.append(delta.get("content") or "")
+            if stop is not None and stop.is_set():
+                break
     return "".join(parts)
