@@ -1,5 +1,7 @@
 """A real vLLM instance on the bundled model sleeps and wakes through the daemon."""
 
+import time
+
 import psutil
 import pytest
 
@@ -114,3 +116,20 @@ def test_fifty_cycles_do_not_drift(mux):
     assert books_after_50["instances"][0]["wakes"] == books_after_1["instances"][0]["wakes"] + 49
     assert_books_balance(books_after_50)
     assert greedy(server, PROMPTS[0]) == answer
+
+
+def test_a_sleeping_worker_does_not_spin(mux):
+    """Upstream's worker spins on its message queue for a second after every
+    message; after the sleep it must block instead, or it takes the core that
+    another instance, waking into its memory, copies on (patches/idle_spin.py)."""
+    daemon, server = mux
+    greedy(server, PROMPTS[0])
+    worker = psutil.Process(worker_pid(server, daemon))
+    server.sleep()
+    before = worker.cpu_times()
+    time.sleep(1.0)
+    after = worker.cpu_times()
+    server.wake_up()
+    busy = (after.user + after.system) - (before.user + before.system)
+    assert busy < 0.2, f"the sleeping worker used {busy:.2f} s of CPU in 1 s"
+    assert greedy(server, PROMPTS[0])

@@ -22,7 +22,8 @@ Targets, all on ``vllm.v1.worker.cpu_worker.CPUWorker``:
   served like level 1 because the host copy of the weights exists anyway.
   Wake leases chunks, maps them at the same addresses and copies the weights
   in. The engine core pauses scheduling and resets the prefix cache around
-  these calls, as upstream does for every platform.
+  these calls, as upstream does for every platform. Sleep also parks this
+  process's message-queue readers (``idle_spin``).
 Upstream: vLLM's sleep-mode backend registry (RFC vllm#34303,
 ``vllm.device_allocator.sleep_mode_backend``) is only reached from
 ``Worker.sleep``, which ``CPUWorker`` overrides; once CPU workers dispatch to
@@ -66,6 +67,8 @@ def apply() -> None:
 
     from vllm.v1.worker.cpu_worker import CPUWorker
 
+    from vllm_mux.patches import idle_spin
+
     upstream_load_model = CPUWorker.load_model
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
@@ -97,8 +100,10 @@ def apply() -> None:
 
     def sleep(self, level: int = 1) -> None:
         _instance(self).sleep()
+        idle_spin.park(True)  # see idle_spin: stop spinning on the shared core
 
     def wake_up(self, tags: list[str] | None = None) -> None:
+        idle_spin.park(False)
         _instance(self).wake()
 
     def mux_tensor_addresses(self) -> dict:
