@@ -162,9 +162,10 @@ class Daemon:
     def serve_forever(self) -> None:
         if self._listener is None:
             self.listen()
+        listener = self._listener  # shutdown() sets the attribute to None
         while True:
             try:
-                conn, _ = self._listener.accept()
+                conn, _ = listener.accept()
             except OSError:
                 return  # closed by shutdown()
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
