@@ -109,8 +109,9 @@ def test_busy_holders_make_a_wake_wait_then_fail_with_503(pool_for_one):
     daemon, servers, solo = pool_for_one
     holder, other = servers["smol-a"], servers["smol-b"]
     chat(holder, QUESTION)  # smol-a awake, smol-b asleep
-    streaming = threading.Thread(target=stream_text, args=(holder, QUESTION, 600, True))
-    streaming.start()  # keeps smol-a busy for longer than the daemon's 15 s wait
+    hang_up = threading.Event()
+    streaming = threading.Thread(target=stream_text, args=(holder, QUESTION, 1900, True, hang_up))
+    streaming.start()  # keeps smol-a busy far longer than the daemon's 15 s wait
     time.sleep(1)
     body = {"model": other.name, "messages": [{"role": "user", "content": QUESTION}]}
     body |= {"max_tokens": 16, "temperature": 0}
@@ -124,6 +125,7 @@ def test_busy_holders_make_a_wake_wait_then_fail_with_503(pool_for_one):
     me = daemon.instance("smol-b")
     assert (me["state"], me["chunks"]) == ("asleep", 0)
     assert_books_balance(daemon.status())
+    hang_up.set()
     streaming.join(300)
     # The next request tries again, and now the holder is idle.
     assert chat(other, QUESTION) == solo["smol-b"]

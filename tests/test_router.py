@@ -328,8 +328,9 @@ def test_a_stream_is_relayed_as_it_comes_not_buffered(router):
     with httpx.stream("POST", f"{router.url}/v1/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         arrivals = [time.monotonic() - start for _ in r.iter_raw()]
-    # The first chunk comes long before the fake has finished writing.
-    assert arrivals[0] < (n - 3) * PAUSE < arrivals[-1], arrivals
+    # The chunks come as the fake writes them, PAUSE apart, not all at once at
+    # the end (however late the first one comes on a busy machine).
+    assert arrivals[-1] - arrivals[0] > (n - 3) * PAUSE, arrivals
 
 
 def test_unknown_model_404(router):
