@@ -1,10 +1,14 @@
 """Shared fixtures: the bundled model, a daemon, vLLM servers, the books."""
 
+import threading
+
 import httpx
 import pytest
 
 from vllm_mux.daemon.client import Client
+from vllm_mux.daemon.server import Daemon as InProcessDaemon
 from vllm_mux.launch import VllmServer, start_daemon
+from vllm_mux.memory.cpu import Backend
 
 # What every test instance runs with on this CPU: float32 (bf16 gives garbage
 # here), eager mode (36 s start instead of 210 s), a small bounded KV cache.
@@ -63,6 +67,40 @@ class Daemon:
 
     def stop(self) -> None:
         self.process.stop()
+
+
+class LiveDaemon:
+    """A Daemon served from a thread of this process."""
+
+    def __init__(self, path: str, chunks: int, chunk_size: int, wait_timeout: float = 0.5):
+        self.path = path
+        # A lease that does not fit waits for holders to sleep; where nobody
+        # can be asked, the wait is kept short.
+        self.daemon = InProcessDaemon(
+            Backend(), "cpu", chunks * chunk_size, chunk_size, path, wait_timeout=wait_timeout
+        )
+        self.daemon.listen()
+        self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
+        self.thread.start()
+        self.clients: list[Client] = []
+
+    def client(self) -> Client:
+        c = Client(self.path, timeout=10)
+        self.clients.append(c)
+        return c
+
+    def status(self) -> dict:
+        c = Client(self.path, timeout=10)
+        try:
+            return c.status()
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.daemon.shutdown()
+        self.thread.join(2)  # a daemon thread: a hang here is caught by its own test
 
 
 def assert_books_balance(status: dict) -> None:

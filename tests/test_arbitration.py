@@ -7,10 +7,9 @@ import time
 
 import pytest
 
+from conftest import LiveDaemon, assert_books_balance
 from vllm_mux.daemon import protocol
 from vllm_mux.daemon.client import Client, DaemonError
-from vllm_mux.daemon.server import Daemon
-from vllm_mux.memory.cpu import Backend
 
 CS = 64 << 10
 
@@ -79,32 +78,21 @@ class FakeInstance:
 @pytest.fixture
 def pool(tmp_path):
     """A live daemon of 10 chunks that waits up to 2 s; its fake instances."""
-    path = str(tmp_path / "d.sock")
-    daemon = Daemon(Backend(), "cpu", 10 * CS, CS, path, wait_timeout=2)
-    daemon.listen()
-    threading.Thread(target=daemon.serve_forever, daemon=True).start()
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=2)
     made: list[FakeInstance] = []
 
     def instance(model: str, **kwargs) -> FakeInstance:
-        made.append(FakeInstance(path, model, **kwargs))
+        made.append(FakeInstance(daemon.path, model, **kwargs))
         return made[-1]
 
     yield daemon, instance
     for i in made:
         i.close()
-    daemon.shutdown()
+    daemon.stop()
 
 
-def held(daemon: Daemon) -> dict:
+def held(daemon: LiveDaemon) -> dict:
     return {i["model"]: i["chunks"] for i in daemon.status()["instances"]}
-
-
-def assert_balanced(daemon: Daemon) -> None:
-    status = daemon.status()
-    assert status["balanced"]
-    assert status["leased_chunks"] + status["free_chunks"] == status["total_chunks"]
-    for i in status["instances"]:
-        assert i["state"] != "asleep" or i["chunks"] == 0
 
 
 def test_the_least_recently_used_idle_instance_sleeps(pool):
@@ -115,7 +103,7 @@ def test_the_least_recently_used_idle_instance_sleeps(pool):
     instance("third").lease(4)  # 2 free: one of the others must go
     assert held(daemon) == {"old": 0, "new": 4, "third": 4}
     assert new.asked == 0
-    assert_balanced(daemon)
+    assert_books_balance(daemon.status())
 
 
 def test_idle_before_busy_and_never_pinned(pool):
@@ -128,7 +116,7 @@ def test_idle_before_busy_and_never_pinned(pool):
     instance("fourth").lease(3)  # 1 free: the idle one goes, though most recent
     assert held(daemon) == {"pinned": 3, "busy": 3, "idle": 0, "fourth": 3}
     assert pinned.asked == 0 and busy.asked == 0
-    assert_balanced(daemon)
+    assert_books_balance(daemon.status())
 
 
 def test_a_busy_holder_is_asked_until_it_is_done(pool):
@@ -146,7 +134,7 @@ def test_a_busy_holder_is_asked_until_it_is_done(pool):
     assert 0.5 < time.monotonic() - start < 2
     assert held(daemon) == {"busy": 0, "waker": 5}
     assert busy.asked >= 2  # asked again while it was busy
-    assert_balanced(daemon)
+    assert_books_balance(daemon.status())
 
 
 def test_every_holder_pinned_times_out_with_a_clear_error(pool):
@@ -157,7 +145,7 @@ def test_every_holder_pinned_times_out_with_a_clear_error(pool):
         instance("waker").lease(5)
     assert 1.9 < time.monotonic() - start < 4
     assert held(daemon) == {"pinned": 8, "waker": 0}
-    assert_balanced(daemon)
+    assert_books_balance(daemon.status())
 
 
 def test_leases_are_granted_first_come_first_served(pool):
@@ -183,7 +171,7 @@ def test_leases_are_granted_first_come_first_served(pool):
         t.join(5)
     assert seen["second"]["first"] == 6  # granted only after "first" was
     assert held(daemon) == {"holder": 0, "first": 6, "second": 2}
-    assert_balanced(daemon)
+    assert_books_balance(daemon.status())
 
 
 def test_a_lease_larger_than_the_pool_is_refused_at_once(pool):
@@ -192,13 +180,13 @@ def test_a_lease_larger_than_the_pool_is_refused_at_once(pool):
     with pytest.raises(DaemonError, match="whole pool is 10 chunks"):
         instance("huge").lease(11)
     assert time.monotonic() - start < 1
-    assert_balanced(daemon)
+    assert_books_balance(daemon.status())
 
 
 def test_a_controller_for_an_unknown_key_is_refused(pool):
     daemon, _ = pool
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    sock.connect(daemon.socket_path)
+    sock.connect(daemon.path)
     protocol.send(sock, {"op": "hello", "role": "controller", "key": "nobody"})
     reply, _ = protocol.recv(sock)
     assert reply == {"ok": False, "error": "no instance registered with key 'nobody'"}
@@ -210,10 +198,8 @@ def test_an_instance_killed_while_waiting_does_not_hold_up_the_queue(tmp_path):
     import subprocess
     import sys
 
-    path = str(tmp_path / "d.sock")
-    daemon = Daemon(Backend(), "cpu", 10 * CS, CS, path, wait_timeout=60)
-    daemon.listen()
-    threading.Thread(target=daemon.serve_forever, daemon=True).start()
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=60)
+    path = daemon.path
     holder = FakeInstance(path, "holder", in_flight=1)
     holder.lease(8)
     script = (
@@ -235,7 +221,7 @@ def test_an_instance_killed_while_waiting_does_not_hold_up_the_queue(tmp_path):
     assert status["balanced"] and status["free_chunks"] == 0
     for i in (holder, instance):
         i.close()
-    daemon.shutdown()
+    daemon.stop()
 
 
 def test_a_starting_instance_finishes_ahead_of_the_queue(pool):
@@ -243,7 +229,7 @@ def test_a_starting_instance_finishes_ahead_of_the_queue(pool):
     KV cache; the second waits for memory the first can only give back once it
     has started. The first may go ahead, or both would wait forever."""
     daemon, instance = pool
-    path = daemon.socket_path
+    path = daemon.path
     first = Client(path, timeout=30)
     first.hello("first", key="first")  # no controller yet: still starting
     weights, _ = first.lease(5)
@@ -258,7 +244,7 @@ def test_a_starting_instance_finishes_ahead_of_the_queue(pool):
     first.release(weights + kv_cache)
     waiting.join(5)
     assert held(daemon) == {"first": 0, "second": 6}
-    assert_balanced(daemon)
+    assert_books_balance(daemon.status())
     first.close()
 
 

@@ -1,27 +1,19 @@
 """The controller's states under cancellation, with a fake engine and a real daemon."""
 
 import asyncio
-import threading
 
 import pytest
 
+from conftest import LiveDaemon
 from vllm_mux.controller import Controller, WakeError
-from vllm_mux.daemon.client import Client
-from vllm_mux.daemon.server import Daemon
-from vllm_mux.memory.cpu import Backend
 
 
 @pytest.fixture
 def daemon_socket(tmp_path):
-    path = str(tmp_path / "d.sock")
-    daemon = Daemon(Backend(), "cpu", 4 << 20, 1 << 20, path, wait_timeout=1)
-    daemon.listen()
-    threading.Thread(target=daemon.serve_forever, daemon=True).start()
-    worker = Client(path)
-    worker.hello("fake", key="k")  # the instance the controller joins
-    yield path
-    worker.close()
-    daemon.shutdown()
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 4, 1 << 20, wait_timeout=1)
+    daemon.client().hello("fake", key="k")  # the instance the controller joins
+    yield daemon.path
+    daemon.stop()
 
 
 def make(path, *, wake_seconds=0.3, wake_fails=False):

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from conftest import LiveDaemon
 from vllm_mux import cli
 from vllm_mux.daemon import protocol
 from vllm_mux.daemon.client import Client, DaemonError
@@ -66,40 +67,6 @@ def _child_env():
     env = dict(os.environ)
     env.pop("PYTHONFAULTHANDLER", None)
     return env
-
-
-class LiveDaemon:
-    """A Daemon served from a thread of this process."""
-
-    def __init__(self, path: str, chunks: int, chunk_size: int = CS):
-        self.path = path
-        # A lease that does not fit waits for holders to sleep; here nobody
-        # can be asked, so the wait is kept short.
-        self.daemon = Daemon(
-            Backend(), "cpu", chunks * chunk_size, chunk_size, path, wait_timeout=0.5
-        )
-        self.daemon.listen()
-        self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
-        self.thread.start()
-        self.clients: list[Client] = []
-
-    def client(self) -> Client:
-        c = Client(self.path, timeout=10)
-        self.clients.append(c)
-        return c
-
-    def status(self) -> dict:
-        c = Client(self.path, timeout=10)
-        try:
-            return c.status()
-        finally:
-            c.close()
-
-    def stop(self) -> None:
-        for c in self.clients:
-            c.close()
-        self.daemon.shutdown()
-        self.thread.join(2)  # a daemon thread: a hang here is caught by its own test
 
 
 @pytest.fixture

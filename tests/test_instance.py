@@ -2,32 +2,23 @@
 weights come back byte for byte at the same addresses, and a wake that fails
 half way ends asleep holding nothing."""
 
-import threading
-
 import pytest
 import torch
 
-from conftest import assert_books_balance
+from conftest import LiveDaemon, assert_books_balance
 from vllm_mux.daemon.client import Client
-from vllm_mux.daemon.server import Daemon
 from vllm_mux.instance import Instance
-from vllm_mux.memory.cpu import Backend
 
 CHUNK = 1 << 20
 
 
 @pytest.fixture
 def instance(tmp_path):
-    path = str(tmp_path / "d.sock")
-    daemon = Daemon(Backend(), "cpu", 16 * CHUNK, CHUNK, path, wait_timeout=1)
-    daemon.listen()
-    threading.Thread(target=daemon.serve_forever, daemon=True).start()
-    inst = Instance(path, "weights-only", key="k")
-    watcher = Client(path)
-    yield inst, watcher
-    watcher.close()
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 16, CHUNK, wait_timeout=1)
+    inst = Instance(daemon.path, "weights-only", key="k")
+    yield inst, daemon.client()
     inst.client.close()
-    daemon.shutdown()
+    daemon.stop()
 
 
 def weights() -> list[torch.Tensor]:

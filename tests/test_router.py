@@ -22,9 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_mux.daemon.client import Client
-from vllm_mux.daemon.server import Daemon
-from vllm_mux.memory.cpu import Backend
+from conftest import LiveDaemon
 from vllm_mux.router import METRICS, make_app
 
 CS = 64 << 10  # small chunks keep the pool cheap
@@ -185,12 +183,9 @@ def dead_url():
 def daemon():
     """A real daemon in a thread, with two instances registered by hand:
     alpha awake (woke once, in 0.25 s, holds 2 chunks), beta asleep."""
-    path = os.path.join(tempfile.mkdtemp(prefix="vmux"), "d.sock")
-    d = Daemon(Backend(), "cpu", 8 * CS, CS, path, wait_timeout=0.5)
-    d.listen()
-    thread = threading.Thread(target=d.serve_forever, daemon=True)
-    thread.start()
-    alpha, beta = Client(path), Client(path)
+    d = LiveDaemon(os.path.join(tempfile.mkdtemp(prefix="vmux"), "d.sock"), 8, CS)
+    path = d.path
+    alpha, beta = d.client(), d.client()
     alpha.hello("alpha")
     ids, fds = alpha.lease(2)
     for fd in fds:
@@ -201,10 +196,7 @@ def daemon():
     beta.set_state("asleep")
     yield path
     alpha.release(ids)  # an instance that leaves holding chunks is waited for
-    alpha.close()
-    beta.close()
-    d.shutdown()
-    thread.join(2)
+    d.stop()
 
 
 @pytest.fixture
