@@ -7,15 +7,12 @@ import pytest
 
 from vllm_mux.daemon.client import Client
 from vllm_mux.daemon.server import Daemon as InProcessDaemon
-from vllm_mux.launch import VllmServer, start_daemon
+from vllm_mux.launch import CPU_ARGS, VllmServer, start_daemon
 from vllm_mux.memory.cpu import Backend
 
-# What every test instance runs with on this CPU: float32 (bf16 gives garbage
-# here), eager mode (36 s start instead of 210 s), a small bounded KV cache.
-SERVER_ARGS = [
-    "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-    "--kv-cache-memory-bytes", "256M", "--max-num-seqs", "16",
-]  # fmt: skip
+# What every test instance runs with on this CPU (see CPU_ARGS), with fewer
+# sequences at once.
+SERVER_ARGS = [*CPU_ARGS, "--max-num-seqs", "16"]
 
 PROMPTS = [
     "What is the capital of France?",

@@ -19,12 +19,8 @@ from pathlib import Path
 import httpx
 
 from vllm_mux.daemon.client import Client
-from vllm_mux.launch import VllmServer, start_daemon
+from vllm_mux.launch import CPU_ARGS, VllmServer, start_daemon
 
-SERVER_ARGS = [
-    "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-    "--kv-cache-memory-bytes", "256M",
-]  # fmt: skip
 PROMPT = "Write a short story about a lighthouse keeper."
 
 
@@ -77,11 +73,11 @@ def switch(args) -> int:
                 work / f"{name}.log",
                 name=name,
                 socket_path=sock,
-                args=[*SERVER_ARGS, "--enable-sleep-mode"],
+                args=[*CPU_ARGS, "--enable-sleep-mode"],
             )  # fmt: skip
             for name in ("other", "mux")
         )
-        plain = VllmServer(model, work / "plain.log", name="plain", args=SERVER_ARGS)
+        plain = VllmServer(model, work / "plain.log", name="plain", args=CPU_ARGS)
         servers = [other, mux, plain]
         for s in servers:
             s.wait_ready()
@@ -119,7 +115,7 @@ def switch(args) -> int:
         # What users do today to switch models: stop one vLLM, start another.
         start = time.perf_counter()
         plain.stop()
-        plain = VllmServer(model, work / "restart.log", name="plain", args=SERVER_ARGS)
+        plain = VllmServer(model, work / "restart.log", name="plain", args=CPU_ARGS)
         servers.append(plain)
         plain.wait_ready(poll=0.05)
         restart_ttft = time.perf_counter() - start + ttft(plain)

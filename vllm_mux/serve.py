@@ -11,15 +11,7 @@ import time
 from pathlib import Path
 
 from vllm_mux.config import Config, Model
-from vllm_mux.launch import VllmServer, start_daemon
-
-# What a model gets on the CPU when its config gives no vLLM arguments: float32
-# (bf16 gives garbage on these CPUs), eager mode (a 36 s start instead of 210 s)
-# and a KV cache small enough for a pool of a few GiB.
-CPU_ARGS = [
-    "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048",
-    "--kv-cache-memory-bytes", "256M",
-]  # fmt: skip
+from vllm_mux.launch import CPU_ARGS, VllmServer, start_daemon
 
 
 def default_config() -> Config:
