@@ -8,9 +8,9 @@ Two kinds of metric, kept apart on purpose:
   read from the daemon's status at scrape time by a custom collector, so the
   counters are the daemon's own counts, exact, never a copy that drifts.
 
-The daemon keeps only the duration of each instance's *last* wake, so wake
-time is a gauge (``vllm_mux:last_wake_seconds``), not a histogram; the cost of
-a wake as clients feel it is in the time-to-first-token histogram.
+Wake and sleep durations are histograms the daemon keeps per instance (merged
+here per model); the last wake's duration is also a gauge. The cost of a wake
+as clients feel it is in the time-to-first-token histogram.
 
 Names follow vLLM's (``vllm:...``) with a ``vllm_mux:`` prefix. Requests that
 name no served model are counted under ``model=""``, so that a client cannot
