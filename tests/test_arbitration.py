@@ -262,3 +262,4 @@ def test_wake_and_sleep_latencies_are_kept_as_histograms(pool):
     assert counts[0.25] == 0 and counts[0.5] == 1 and counts[120.0] == 1  # cumulative
     assert dict(zip(sleep["le"], sleep["counts"]))[0.05] == 1
     assert me["last_wake"] == {"seconds": 0.3} and me["wakes"] == 1 and me["sleeps"] == 1
+    assert_books_balance(daemon.status())

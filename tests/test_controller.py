@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from conftest import LiveDaemon
+from conftest import LiveDaemon, assert_books_balance
 from vllm_mux.controller import Controller, WakeError
 
 
@@ -13,6 +13,7 @@ def daemon_socket(tmp_path):
     daemon = LiveDaemon(str(tmp_path / "d.sock"), 4, 1 << 20, wait_timeout=1)
     daemon.client().hello("fake", key="k")  # the instance the controller joins
     yield daemon.path
+    assert_books_balance(daemon.status())
     daemon.stop()
 
 

@@ -13,6 +13,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import assert_books_balance
 from vllm_mux.daemon.client import Client
 from vllm_mux.launch import free_port
 
@@ -61,10 +62,7 @@ def books(sock: str) -> dict:
         status = c.status()
     finally:
         c.close()
-    assert status["balanced"]
-    assert status["leased_chunks"] + status["free_chunks"] == status["total_chunks"]
-    for i in status["instances"]:
-        assert i["state"] != "asleep" or i["chunks"] == 0
+    assert_books_balance(status)
     return status
 
 

@@ -133,3 +133,4 @@ def test_a_sleeping_worker_does_not_spin(mux):
     busy = (after.user + after.system) - (before.user + before.system)
     assert busy < 0.2, f"the sleeping worker used {busy:.2f} s of CPU in 1 s"
     assert greedy(server, PROMPTS[0])
+    assert_books_balance(daemon.status())
