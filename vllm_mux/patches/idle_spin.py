@@ -7,9 +7,10 @@ spinning with ``sched_yield`` rather than blocking. After the sleep RPC that
 second is pure waste, and worse: every vLLM CPU instance binds its worker to
 the same cores by default, so the worker that has just gone to sleep spins
 on the core that the instance waking into its memory needs for its copy.
-Measured on the 2-core CI machine: a switch between two models took
-1.2-1.7 s instead of 0.3 s whenever that happened (the sleeper's worker took
-0.9 s of CPU during the switch).
+On the 2-core CI machine ``vllm-mux bench switch`` measured a switch between
+two models at 1.24 s before this patch and 0.29 s after (docs/benchmarks.md);
+a sleeping worker used 0.96 s of CPU in the second after its sleep without it
+(tests/test_sleep_wake.py).
 How: the worker's ``sleep`` parks this process (``park(True)``) and its
 ``wake_up`` unparks it. While parked, ``wait`` skips the busy loop and blocks
 on the writer's notification socket at once, as upstream does anyway after a
