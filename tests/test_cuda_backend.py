@@ -276,3 +276,36 @@ def test_touching_an_unmapped_arena_faults():
     assert "wrote" in r.stdout and "unmapped" in r.stdout, r.stderr
     assert "read" not in r.stdout
     assert r.returncode != 0 and "cuda" in r.stderr.lower(), (r.returncode, r.stderr)
+
+
+@needs_gpu
+def test_allocating_puts_new_tensors_in_the_heap(cuda):
+    """The MemPool behind ``allocating``: tensors made inside land in the heap's
+    arena, tensors made outside do not, and a malloc the heap refuses becomes
+    torch's out-of-memory error with the heap's reason kept."""
+    import torch
+
+    from vllm_mux.memory.arena import Arena
+    from vllm_mux.memory.heap import Heap
+
+    g = cuda.granularity
+    arena = Arena(cuda, 16 * g, g)
+    heap = Heap(arena, lambda n: arena.map([cuda.create(g) for _ in range(n)]))
+    allocating = cuda.allocating(heap)
+    try:
+        with allocating:
+            small = torch.ones(1000, dtype=torch.uint8, device="cuda:0")
+            large = torch.full((5 * g,), 3, dtype=torch.uint8, device="cuda:0")
+        outside = torch.ones(1000, dtype=torch.uint8, device="cuda:0")
+        for t in (small, large):
+            assert arena.base <= t.data_ptr() < arena.base + arena.used
+        assert not arena.base <= outside.data_ptr() < arena.base + arena.capacity
+        assert heap.live_bytes >= small.numel() + large.numel()
+        assert int(large.sum()) == 15 * g and int(small.sum()) == 1000
+        with pytest.raises(torch.OutOfMemoryError):
+            with allocating:
+                torch.empty(32 * g, dtype=torch.uint8, device="cuda:0")
+        assert "capacity" in str(allocating.error)
+    finally:
+        torch.cuda.synchronize()
+        arena.close()  # unmaps and releases every chunk it mapped

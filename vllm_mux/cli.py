@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+from vllm_mux.bench import gpu
 from vllm_mux.daemon import default_socket
 from vllm_mux.memory import DEFAULT_CHUNK_SIZE
 
@@ -133,9 +134,15 @@ def _serve(args) -> int:
 
 
 def _bench(args) -> int:
-    from vllm_mux.bench import switch
+    from vllm_mux.bench.switch import switch
 
     return switch(args)
+
+
+def _bench_gpu(args) -> int:
+    from vllm_mux.bench import gpu
+
+    return gpu.run(args)
 
 
 def _gib(n: int) -> str:
@@ -191,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--device-memory", default="1GiB", help="the pool (default: one SmolLM2)")
     bp.add_argument("--output", help="also write the results as JSON here")
     bp.set_defaults(run=_bench)
+    bp = bsub.add_parser(
+        "gpu", help="the GPU proof kit (scripts/gpu_check.sh); --device cpu for CI"
+    )
+    gpu.add_arguments(bp)
+    bp.set_defaults(run=_bench_gpu)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -2,10 +2,13 @@
 
 An instance keeps two arenas of leased memory: one for the weights, one for
 the KV cache. Their virtual addresses are reserved once and never change.
-The weights are copied into the weights arena once, at load time, and a host
-copy of that arena is kept; it never goes stale, because serving never writes
-weights. So sleep copies nothing (unmap, hand the chunks back) and wake is
-lease, map, one contiguous copy from the host.
+The weights land in the weights arena at load time: straight away where the
+device has a pluggable allocator (``loading()``, CUDA), else moved in once
+loaded (CPU). A host copy of that arena is kept (page-locked on a device);
+it never goes stale, because serving never writes weights and a weight update
+refreshes it (``refresh_weights``). So sleep copies nothing (unmap, hand the
+chunks back) and wake is lease, map, copy from the host in large pieces, each
+piece's copy running while the next one is mapped.
 
 This module knows torch and the daemon, not vLLM: the patches hand it the
 model's tensors and run vLLM's KV-cache allocation inside ``allocations()``.
@@ -21,8 +24,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vllm_mux.daemon.client import Client
 from vllm_mux.memory import backend as make_backend
 from vllm_mux.memory.arena import Arena
+from vllm_mux.memory.heap import Heap
 
 log = logging.getLogger("vllm_mux.instance")
+
+# Bytes of weights mapped before their copy starts on a wake: large enough that
+# each copy runs at the host link's full speed, small enough that the first
+# copy starts after a few map calls (8 of the default chunks).
+WAKE_PIECE = 256 << 20
 
 
 class Instance:
@@ -41,6 +50,10 @@ class Instance:
         self.leases: dict[int, list[int]] = {id(self.weights): [], id(self.kv_cache): []}
         self.host: torch.Tensor | None = None  # host copy of the weights arena
         self.asleep = False
+        self.heap: Heap | None = None  # the weights arena's allocator while loading
+        self._allocating = None  # the device's allocation context: owns its pool
+        self.loaded: dict = {}  # what loading left behind, for the proof kit
+        self.last_wake: dict = {}
 
     # -- placing memory --
 
@@ -53,31 +66,82 @@ class Instance:
         self.leases[id(arena)] += ids
         arena.map([self.backend.import_(fd, self.chunk_size) for fd in fds])
 
+    @contextlib.contextmanager
+    def loading(self):
+        """Serve the device's new tensors from the weights arena while loading.
+
+        Where the backend has a pluggable allocator (CUDA), weights land in
+        leased memory as they are made: no second copy of the model outside
+        the pool. Temporaries freed meanwhile go back to the allocator's free
+        lists, or to the heap's holes when a whole segment goes. On CPU this
+        routes nothing, and ``adopt_weights`` moves the tensors afterwards.
+        """
+        if self.heap is None:
+            self.heap = Heap(self.weights, lambda n: self._grow(self.weights, n))
+            self._allocating = self.backend.allocating(self.heap)
+        try:
+            with self._allocating:
+                yield
+        except torch.OutOfMemoryError as e:
+            error = getattr(self._allocating, "error", None)
+            if error is None:
+                raise
+            raise RuntimeError(f"vllm-mux: no leased memory for the weights: {error}") from e
+
     @torch.no_grad()
     def adopt_weights(self, tensors: list[torch.Tensor]) -> int:
-        """Move these tensors (parameters and buffers) into the weights arena.
+        """Make the weights arena hold these tensors (parameters and buffers),
+        then keep one host copy of the arena for waking.
 
-        Each tensor's ``.data`` is replaced by a view of leased memory with the
-        same shape, dtype and strides; the memory they were loaded into is
-        freed, and one host copy of the whole arena is kept for waking.
+        A tensor already in the arena (loaded inside ``loading()``) stays; any
+        other has its ``.data`` replaced by a view of leased memory with the
+        same shape, dtype and strides, and the memory it was loaded into is
+        freed. Returns the bytes of the arena in use.
         """
+        if self.asleep:
+            raise RuntimeError("vllm-mux: weights cannot change while asleep; wake first")
         tensors = [t for t in _unique(tensors) if t.numel() > 0]
-        spans = [_span(t) for t in tensors]
+        outside = [t for t in tensors if not self._in_weights(t)]
+        spans = [_span(t) for t in outside]
         total = sum(spans) + 256 * len(spans)
         self._grow(self.weights, self.weights.chunks_needed(total))
-        for t, nbytes in zip(tensors, spans):
+        for t, nbytes in zip(outside, spans):
             dst = self.weights.alloc(nbytes).view(t.dtype).as_strided(t.shape, t.stride())
             dst.copy_(t)
             t.data = dst
         used = self.weights.view()
-        pinned = self.backend.device_type != "cpu"  # page-locked for full-speed DMA
-        self.host = torch.empty(used.numel(), dtype=torch.uint8, pin_memory=pinned)
+        if self.host is None or self.host.numel() != used.numel():
+            pinned = self.backend.device_type != "cpu"  # page-locked for full-speed DMA
+            self.host = torch.empty(used.numel(), dtype=torch.uint8, pin_memory=pinned)
         self.host.copy_(used)
+        tensor_bytes = sum(t.untyped_storage().nbytes() for t in _unique_storages(tensors))
+        self.loaded = {
+            "tensors": len(tensors),
+            "moved": len(outside),
+            "tensor_bytes": tensor_bytes,
+            "arena_bytes": self.weights.used,
+            "heap_hole_bytes": self.heap.hole_bytes if self.heap else 0,
+        }
         self.client.set_state("awake")
         log.info(
-            "%d tensors, %d bytes of weights in leased memory", len(tensors), self.weights.used
+            "%d tensors (%d moved in), %d bytes of weights in %d bytes of leased memory",
+            len(tensors),
+            len(outside),
+            tensor_bytes,
+            self.weights.used,
         )
         return self.weights.used
+
+    def refresh_weights(self, tensors: list[torch.Tensor]) -> None:
+        """After a weight update: the new bytes become what a wake restores."""
+        self.adopt_weights(tensors)
+
+    def _in_weights(self, t: torch.Tensor) -> bool:
+        start = t.untyped_storage().data_ptr()
+        base = self.weights.base
+        return (
+            t.device.type == self.backend.device_type and base <= start < base + self.weights.used
+        )
 
     def plain_copy(self) -> float:
         """Seconds to copy the host copy into ordinary device memory: the peer
@@ -131,15 +195,9 @@ class Instance:
             self.leases[id(self.weights)] += ids[:n]  # ours on the books, mapped or not
             self.leases[id(self.kv_cache)] += ids[n:]
             chunks = [self.backend.import_(fd, self.chunk_size) for fd in fds]
-            try:
-                self.weights.map(chunks[:n])
-            except BaseException:
-                for chunk in chunks[n:]:
-                    self.backend.release(chunk)
-                raise
+            map_seconds = self._map_and_copy(chunks[:n], chunks[n:])
             self.kv_cache.map(chunks[n:])
-            mapped = time.perf_counter()
-            self.weights.view().copy_(self.host)
+            copying = time.perf_counter()
             self.backend.synchronize()
         except BaseException:
             with contextlib.suppress(Exception):  # the first error is the one to tell
@@ -150,12 +208,35 @@ class Instance:
         self.asleep = False
         facts = {
             "seconds": done - start,
-            "map_seconds": mapped - start,
-            "copy_seconds": done - mapped,
+            "map_seconds": map_seconds,
+            "copy_wait_seconds": done - copying,
             "bytes": self.weights.used,
         }
+        self.last_wake = facts
         self.client.set_state("awake", wake=facts)
         return done - start
+
+    def _map_and_copy(self, chunks: list, rest: list) -> float:
+        """Map the weights' chunks a piece at a time, starting each piece's copy
+        from the host as soon as it is mapped (the backend copies on a side
+        stream where it can). If a map fails, the chunks not yet mapped, and
+        ``rest``, are released. Returns the seconds spent mapping."""
+        per = max(1, WAKE_PIECE // self.chunk_size)
+        copied, mapping = 0, 0.0
+        for i in range(0, len(chunks), per):
+            started = time.perf_counter()
+            try:
+                self.weights.map(chunks[i : i + per])
+            except BaseException:
+                for chunk in chunks[i + per :] + rest:
+                    self.backend.release(chunk)
+                raise
+            mapping += time.perf_counter() - started
+            end = min(self.weights.mapped, self.weights.used)
+            if end > copied:
+                self.backend.copy_in(self.weights.base + copied, self.host[copied:end])
+                copied = end
+        return mapping
 
     def _release_all(self) -> None:
         """Unmap everything, then hand it all back in one message: the instance
@@ -198,6 +279,15 @@ def _unique(tensors):
     for t in tensors:
         if id(t) not in seen:
             seen.add(id(t))
+            yield t
+
+
+def _unique_storages(tensors):
+    seen = set()
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
             yield t
 
 

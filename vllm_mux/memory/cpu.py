@@ -11,6 +11,7 @@ so the range stays reserved and addresses never move. Touching an unmapped
 range faults, as it would on a device.
 """
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -110,6 +111,18 @@ class Backend:
 
     def synchronize(self) -> None:
         """Host memory needs no synchronization."""
+
+    def allocating(self, heap):
+        """Route this thread's new tensors to ``heap``: not possible on CPU.
+
+        torch has no pluggable CPU allocator, so an instance loads its weights
+        into ordinary memory and moves them into the arena afterwards
+        (``Instance.adopt_weights``)."""
+        return contextlib.nullcontext()
+
+    def copy_in(self, addr: int, host) -> None:
+        """Copy the host tensor ``host`` to ``addr`` (synchronous on CPU)."""
+        self.tensor(addr, host.numel()).copy_(host)
 
     def tensor(self, addr: int, nbytes: int):
         """A uint8 tensor over ``nbytes`` mapped at ``addr`` (no copy)."""

@@ -23,6 +23,8 @@ This module needs NVIDIA's ``cuda-bindings`` (``pip install vllm-mux[cuda]``);
 the cpu backend never imports it.
 """
 
+import ctypes
+import logging
 import os
 import threading
 from contextlib import contextmanager
@@ -35,6 +37,12 @@ except ImportError as e:  # cuda-bindings missing, or cuda-python older than 12.
         "the cuda memory backend needs NVIDIA's cuda-bindings >= 12.8 "
         f"(from cuda.bindings import driver failed: {e}); pip install vllm-mux[cuda]"
     ) from e
+
+log = logging.getLogger("vllm_mux.memory.cuda")
+
+# The signatures torch's pluggable allocator calls (c10/cuda/CUDAPluggableAllocator.h).
+_MALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
+_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
 
 _POSIX_FD = driver.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
 
@@ -130,6 +138,7 @@ class Backend:
         )
         self._mapped: dict[int, int] = {}  # address -> size of each mapped chunk
         self._lock = threading.Lock()
+        self._stream = None  # copy_in's side stream, made on first use
 
     @contextmanager
     def _current(self):
@@ -279,6 +288,37 @@ class Backend:
         with self._current():
             _check(driver.cuCtxSynchronize(), "cuCtxSynchronize")
 
+    def copy_in(self, addr: int, host) -> None:
+        """Start copying the host tensor ``host`` to ``addr`` on a side stream.
+
+        Asynchronous: the caller maps the next chunks while the copy engine
+        works, and ``synchronize()`` waits for it. ``host`` should be
+        page-locked (a pageable one is copied at a fraction of the speed).
+        """
+        import torch
+
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.index)
+        with torch.cuda.stream(self._stream):
+            self.tensor(addr, host.numel()).copy_(host, non_blocking=True)
+
+    def allocating(self, heap):
+        """A context routing this thread's new CUDA tensors to ``heap``.
+
+        A torch ``MemPool`` over a pluggable allocator whose malloc and free
+        are ``heap.malloc`` and ``heap.free`` behind ctypes callbacks, given
+        to ``torch._C._cuda_customAllocator``. Chosen over a C shim built at
+        install (``CUDAPluggableAllocator`` needs a shared library): no
+        compiler, no build step, a pure-Python wheel; torch does the same in
+        ``torch.cuda.memory._use_uvm``; and the caching allocator calls it
+        once per segment, not per tensor (a few hundred times while loading
+        an 8B model), so entering Python costs nothing that shows. Tensors
+        freed inside go back to the pool's free lists; the heap sees a free
+        only for a whole segment (``empty_cache``). Keep the returned object
+        as long as the tensors live: it owns the pool and the callbacks.
+        """
+        return _Allocating(heap, self.index)
+
     def tensor(self, addr: int, nbytes: int):
         """A uint8 tensor over ``nbytes`` mapped at ``addr`` (no copy)."""
         import torch
@@ -293,3 +333,46 @@ class Backend:
                 f"torch made a copy on {tensor.device}"
             )
         return tensor
+
+
+class _Allocating:
+    """``Backend.allocating``'s context: a MemPool whose segments come from a Heap."""
+
+    def __init__(self, heap, index: int):
+        import torch
+
+        self.heap, self.index = heap, index
+        self.error: BaseException | None = None  # why the last malloc said no
+        self._callbacks = (_MALLOC(self._malloc), _FREE(self._free))  # kept alive
+        malloc, free = (ctypes.cast(c, ctypes.c_void_p).value for c in self._callbacks)
+        self.pool = torch.cuda.MemPool(allocator=torch._C._cuda_customAllocator(malloc, free))
+        self._using = None
+
+    def _malloc(self, size: int, device: int, stream) -> int:
+        # Must not raise into torch's allocator, nor call into torch.
+        try:
+            if device != self.index:
+                raise RuntimeError(f"asked for memory on device {device}, not {self.index}")
+            return self.heap.malloc(size)
+        except BaseException as e:
+            self.error = e
+            log.error("leased memory for a %d-byte segment: %s", size, e)
+            return 0  # NULL: torch raises its out-of-memory error
+
+    def _free(self, ptr: int, size: int, device: int, stream) -> None:
+        try:
+            self.heap.free(ptr)
+        except BaseException as e:
+            log.error("freeing the segment at %#x: %s", ptr or 0, e)
+
+    def __enter__(self):
+        import torch
+
+        self.error = None
+        self._using = torch.cuda.use_mem_pool(self.pool, device=self.index)
+        self._using.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        using, self._using = self._using, None
+        return using.__exit__(*exc)

@@ -138,7 +138,7 @@ def switch(args) -> int:
         "wake_ms_http": med(wakes) * 1e3,
         "wake_ms_instance": wake_s * 1e3,
         "wake_map_ms": med(i["map_seconds"] for i in inside) * 1e3,
-        "wake_copy_ms": med(i["copy_seconds"] for i in inside) * 1e3,
+        "wake_copy_wait_ms": med(i["copy_wait_seconds"] for i in inside) * 1e3,
         "wake_gbps": nbytes / wake_s / 1e9,
         "plain_copy_ms": plain_s * 1e3,
         "plain_copy_gbps": nbytes / plain_s / 1e9,
