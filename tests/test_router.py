@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LiveDaemon
 from vllm_mux.router import METRICS, make_app
+from vllm_mux.router.app import Upstream
 
 CS = 64 << 10  # small chunks keep the pool cheap
 PAUSE = 0.02  # between two streamed chunks of a fake
@@ -204,9 +205,10 @@ def router_factory(fakes, dead_url, daemon):
     """Routers in front of the fakes; the default one knows the daemon."""
     started = []
 
-    def start(daemon_socket=daemon, **kwargs) -> Served:
-        upstreams = {name: fake.url for name, fake in fakes.items()}
-        upstreams["dead"] = dead_url
+    def start(daemon_socket=daemon, upstreams=None, **kwargs) -> Served:
+        if upstreams is None:
+            upstreams = {name: fake.url for name, fake in fakes.items()}
+            upstreams["dead"] = dead_url
         served = Served(make_app(upstreams, daemon_socket=daemon_socket, **kwargs))
         started.append(served)
         return served
@@ -246,6 +248,28 @@ def assert_serving(router: Served) -> None:
     """The router still answers after whatever just happened."""
     answer = chat(client(router), "beta", "still there?")
     assert answer.choices[0].message.content == "beta: still there?"
+
+
+def raw(router: Served, data: bytes) -> tuple[int, dict]:
+    """Send ``data`` as it is (no client checks it); the answer's status and
+    JSON body, read as soon as it comes, whether or not the request ended.
+    The socket's timeout is only reached when no answer comes at all."""
+    port = int(router.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(data)
+        f = s.makefile("rb")
+        status, length = int(f.readline().split()[1]), 0
+        while (line := f.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, json.loads(f.read(length))
+
+
+def assert_raw_error(answer: tuple[int, dict], status: int, code) -> None:
+    assert answer[0] == status, answer
+    error = answer[1]["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code
 
 
 def metrics(router: Served, **headers) -> dict:
@@ -507,3 +531,97 @@ def test_metrics(router):
 def test_unknown_path_is_openai_shaped(router):
     assert_error(httpx.get(f"{router.url}/v1/nothing"), 404, None)
     assert_error(httpx.get(f"{router.url}/v1/completions"), 405, None)
+
+
+def test_deeply_nested_json_is_a_400_and_counted(router):
+    body = b'{"model": "alpha", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(f"{router.url}/v1/completions", content=body)
+    assert_error(r, 400, None)
+    assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "400"))] == 1
+    assert_serving(router)
+
+
+def test_a_non_ascii_header_is_a_400_and_counted(router, fakes):
+    body = b'{"model": "alpha", "prompt": "x"}'
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Name: caf\xe9\r\n"
+    head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    arrived = len(fakes["alpha"].arrived)
+    assert_raw_error(raw(router, head + body), 400, None)
+    assert len(fakes["alpha"].arrived) == arrived
+    assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "400"))] == 1
+    assert_serving(router)
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(router_factory):
+    limit = 64 << 10
+    router = router_factory(max_body=limit)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    # Announced: refused at once, though not one byte of the body was sent.
+    assert_raw_error(raw(router, head + b"Content-Length: 100000000\r\n\r\n"), 413,
+                     "request_too_large")  # fmt: skip
+    # Not announced (chunked): refused once the bytes read pass the limit,
+    # while the body has not ended.
+    chunk = b"x" * (16 << 10)
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(8))
+    assert_raw_error(raw(router, head + b"Transfer-Encoding: chunked\r\n\r\n" + chunks), 413,
+                     "request_too_large")  # fmt: skip
+    # From an ordinary client: one byte over is refused, the limit itself served.
+    prompt = "x" * (limit - len(json.dumps({"model": "alpha", "prompt": ""})))
+    body = json.dumps({"model": "alpha", "prompt": prompt}).encode()
+    assert len(body) == limit
+    r = httpx.post(f"{router.url}/v1/completions", content=body + b" ")
+    assert_error(r, 413, "request_too_large")
+    r = httpx.post(f"{router.url}/v1/completions", content=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == f"alpha: {prompt}"
+    assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "413"))] == 3
+    assert_serving(router)
+
+
+def test_an_empty_api_key_is_refused_never_accepted(router_factory):
+    with pytest.raises(ValueError, match="empty"):
+        make_app({"alpha": "http://127.0.0.1:1"}, daemon_socket=None, api_key="")
+    router = router_factory(api_key="sekret")
+    for value in (b"Bearer ", b"Bearer", b"Bearer  \t", b""):
+        answer = raw(
+            router, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\n\r\n" % value
+        )
+        assert_raw_error(answer, 401, "invalid_api_key")
+
+
+def test_no_openapi_schema_or_docs(router_factory):
+    for router in (router_factory(), router_factory(api_key="sekret")):
+        for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+            for headers in ({}, {"Authorization": "Bearer sekret"}):
+                assert_error(httpx.get(f"{router.url}{path}", headers=headers), 404, None)
+
+
+def test_restarting_and_failed_models_as_serve_reports_them(router_factory, fakes):
+    """``vllm-mux serve`` updates each model's Upstream as it restarts its
+    server; the router answers for such a model without reaching it."""
+    alpha = Upstream(fakes["alpha"].url, state="restarting", restarts=1)
+    beta = Upstream(fakes["beta"].url, state="failed", restarts=2, error="OSError: bad config")
+    gamma = Upstream(fakes["alpha"].url)
+    router = router_factory(upstreams={"alpha": alpha, "beta": beta, "gamma": gamma})
+    arrived = len(fakes["alpha"].arrived), len(fakes["beta"].arrived)
+    for stream in (False, True):
+        body = {"model": "alpha", "prompt": "x", "stream": stream}
+        r = httpx.post(f"{router.url}/v1/completions", json=body)
+        assert_error(r, 503, "model_unavailable", retry_after="5")
+        r = httpx.post(f"{router.url}/v1/completions", json={**body, "model": "beta"})
+        assert "/v1/models" in assert_error(r, 503, "model_failed")["message"]
+    assert (len(fakes["alpha"].arrived), len(fakes["beta"].arrived)) == arrived
+    models = {m["id"]: m for m in httpx.get(f"{router.url}/v1/models").json()["data"]}
+    assert (models["alpha"]["state"], models["alpha"]["restarts"]) == ("restarting", 1)
+    assert (models["beta"]["state"], models["beta"]["restarts"]) == ("failed", 2)
+    assert models["beta"]["error"] == "OSError: bad config" and "error" not in models["alpha"]
+    assert models["gamma"]["state"] == "starting" and models["gamma"]["restarts"] == 0
+    m = metrics(router)
+    assert m["vllm_mux:instance_restarts_total", (("model", "alpha"),)] == 1
+    assert m["vllm_mux:instance_restarts_total", (("model", "beta"),)] == 2
+    assert m["vllm_mux:model_state", (("model", "alpha"), ("state", "restarting"))] == 1
+    assert m["vllm_mux:model_state", (("model", "beta"), ("state", "failed"))] == 1
+    assert m["vllm_mux:requests_total", (("model", "alpha"), ("status", "503"))] == 2
+
+    # Serve started alpha again, on a new port: the next request goes there.
+    alpha.url, alpha.state = fakes["beta"].url, None
+    assert chat(client(router), "alpha", "back").choices[0].message.content == "beta: back"

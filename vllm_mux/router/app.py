@@ -12,10 +12,16 @@ when it cannot wake in time. So the router only forwards, with no read
 timeout on streams and a generous one otherwise (a request may wait for a
 wake, which may wait for other instances to sleep). What it adds:
 
-- an API key for every endpoint but ``/health``;
+- an API key for every endpoint but ``/health`` (no OpenAPI schema or docs
+  pages: they would list the endpoints to anyone);
+- a bound on the body's size (413 beyond ``max_body``), checked against
+  Content-Length before reading and counted while reading, so a huge body is
+  refused before it is in memory;
 - a bound on the requests it holds per model (429 beyond ``max_queue``), so
   one model's backlog cannot take the whole port;
-- 503 with Retry-After when an instance is gone (its port refuses);
+- 503 with Retry-After when an instance is gone (its port refuses) or being
+  restarted by ``vllm-mux serve``, and 503 without it for a model that failed
+  to start (its state and the tail of its log are in ``/v1/models``);
 - a client that hangs up, waiting or mid-stream, closes the upstream request,
   so that vLLM aborts it rather than generate for no one;
 - ``/v1/models`` with each model's state from the daemon, and ``/metrics``
@@ -27,9 +33,11 @@ Every error the router makes itself is in OpenAI's shape,
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
 import httpx
@@ -37,6 +45,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.exposition import choose_encoder
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from vllm_mux.daemon import protocol
 from vllm_mux.daemon.client import Client, DaemonError
@@ -52,6 +61,11 @@ RETRY_AFTER_FULL_S = 1
 UPSTREAM_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 STREAM_TIMEOUT = httpx.Timeout(600.0, connect=10.0, read=None)
 DAEMON_TIMEOUT_S = 5.0
+# Far above any chat or completion request (a 128k-token prompt is under 1 MiB
+# of JSON, an image a few MiB); a limit keeps one client from filling memory.
+MAX_BODY_BYTES = 16 << 20
+
+log = logging.getLogger(__name__)
 
 # Not passed on to the instance: the client's credentials (the router checked
 # them; the instance has its own), and headers about this hop or this body,
@@ -96,17 +110,36 @@ class ApiError(Exception):
         return JSONResponse(body, self.status, headers=headers)
 
 
+@dataclass
+class Upstream:
+    """A model's vLLM server as ``vllm-mux serve`` keeps it. Serve updates it
+    from its own thread when it restarts the server; the router reads it at
+    each request, so a restarted server (on a new port) is used at once."""
+
+    url: str
+    # None while the server runs (the daemon then says awake, asleep, ...);
+    # "restarting" while serve starts it again, "failed" once it gave up.
+    state: str | None = None
+    restarts: int = 0  # times serve started it again after it died
+    error: str | None = None  # why it failed: the tail of its last log
+
+
 def make_app(
-    upstreams: dict[str, str],
+    upstreams: dict[str, "str | Upstream"],
     *,
     daemon_socket: str | None,
     api_key: str | None = None,
     max_queue: int = 64,
+    max_body: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The router's app: ``upstreams`` maps each served model name to its vLLM
-    server's base URL (``http://127.0.0.1:8001``); ``daemon_socket`` is where
-    the daemon answers for states and metrics (None: states are "unknown")."""
-    router = Router(upstreams, daemon_socket, api_key, max_queue)
+    server's base URL (``http://127.0.0.1:8001``) or to an ``Upstream`` that
+    serve keeps up to date; ``daemon_socket`` is where the daemon answers for
+    states and metrics (None: states are "unknown"). An empty ``api_key`` is
+    refused: it would look like protection and accept an empty bearer."""
+    if api_key == "":
+        raise ValueError("the API key is empty: give a key, or none for no key")
+    router = Router(upstreams, daemon_socket, api_key, max_queue, max_body)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -116,7 +149,9 @@ def make_app(
             if router.http is not None:
                 await router.http.aclose()
 
-    app = FastAPI(title="vllm-mux router", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="vllm-mux router", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
+    )
     app.state.router = router
     auth = [Depends(router.authorize)]
 
@@ -152,9 +187,12 @@ def make_app(
 class Router:
     """The state one app keeps: where each model is, its requests, its metrics."""
 
-    def __init__(self, upstreams, daemon_socket, api_key, max_queue):
-        self.upstreams = {model: url.rstrip("/") for model, url in upstreams.items()}
+    def __init__(self, upstreams, daemon_socket, api_key, max_queue, max_body):
+        self.upstreams = {
+            model: u if isinstance(u, Upstream) else Upstream(u) for model, u in upstreams.items()
+        }
         self.daemon_socket, self.api_key, self.max_queue = daemon_socket, api_key, max_queue
+        self.max_body = max_body
         self.queued = dict.fromkeys(self.upstreams, 0)  # requests in the router, by model
         self.metrics = Metrics(self.upstreams, self.read_status, self.queued)
         self.created = int(time.time())
@@ -202,16 +240,19 @@ class Router:
 
     async def models(self) -> dict:
         states = model_states(self.upstreams, await asyncio.to_thread(self.read_status))
-        data = [
-            {
+        data = []
+        for model, upstream in self.upstreams.items():
+            entry = {
                 "id": model,
                 "object": "model",
                 "created": self.created,
                 "owned_by": "vllm-mux",
                 "state": states[model],
+                "restarts": upstream.restarts,
             }
-            for model in self.upstreams
-        ]
+            if upstream.error is not None:
+                entry["error"] = upstream.error
+            data.append(entry)
         return {"object": "list", "data": data}
 
     def endpoint(self, path: str):
@@ -226,20 +267,68 @@ class Router:
         started = time.perf_counter()
         model = ""  # until the request names a served model
         try:
-            model, stream, body = self._route(await request.body())
-            work = self._forward(model, path, body, stream, request.headers, started)
+            headers = _headers_on(request)
+            model, stream, body = self._route(await self._body(request))
+            self._check_running(model)
+            work = self._forward(model, path, body, stream, headers, started)
             response = await _unless_client_leaves(request, work)
         except ApiError as e:
             self.metrics.count(model, e.status)
             raise
+        except Exception:
+            # A bug of ours: still an answer in OpenAI's shape, and counted.
+            log.exception("the router failed on a request for model %r", model)
+            self.metrics.count(model, 500)
+            raise ApiError(500, "The router failed on this request.", "server_error") from None
         self.metrics.count(model, response.status_code)
         return response
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused (413) past ``max_body`` before it is all in memory."""
+        too_large = ApiError(
+            413,
+            f"The request body is larger than {self.max_body} bytes.",
+            "invalid_request_error",
+            code="request_too_large",
+        )
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > self.max_body:  # the server checked it is a number
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(499, "The client hung up.", "invalid_request_error") from None
+        return b"".join(chunks)
+
+    def _check_running(self, model: str) -> None:
+        """No request goes to a model serve is restarting or gave up on."""
+        upstream = self.upstreams[model]
+        if upstream.state == "restarting":
+            raise ApiError(
+                503,
+                f"The server for model `{model}` exited and is being restarted; retry later.",
+                "server_error",
+                code="model_unavailable",
+                retry_after=RETRY_AFTER_GONE_S,
+            )
+        if upstream.state == "failed":
+            raise ApiError(
+                503,
+                f"The server for model `{model}` failed to start; its log is in /v1/models.",
+                "server_error",
+                code="model_failed",
+            )
 
     def _route(self, body: bytes) -> tuple[str, bool, bytes]:
         """The served model the body names, and whether it asks for a stream."""
         try:
             payload = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise ApiError(
                 400, "The request body is not valid JSON.", "invalid_request_error"
             ) from None
@@ -300,12 +389,9 @@ class Router:
         http = self.client()
         request = http.build_request(
             "POST",
-            self.upstreams[model] + path,
+            self.upstreams[model].url.rstrip("/") + path,
             content=body,
-            headers={
-                **{k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST},
-                "content-type": "application/json",  # it parsed as JSON
-            },
+            headers={**headers, "content-type": "application/json"},  # it parsed as JSON
             timeout=STREAM_TIMEOUT if stream else UPSTREAM_TIMEOUT,
         )
         try:
@@ -399,6 +485,18 @@ async def _unless_client_leaves(request: Request, work) -> Response:
     if task.cancelled():
         return Response(status_code=499)  # "client closed request": nobody reads it
     return task.result()
+
+
+def _headers_on(request: Request) -> dict[str, str]:
+    """The client's headers that go on to the instance. HTTP header values are
+    ASCII (RFC 9110 calls anything else obsolete); httpx cannot send others."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+    for name, value in headers.items():
+        if not value.isascii():
+            raise ApiError(
+                400, f"The header {name!r} has a non-ASCII value.", "invalid_request_error"
+            )
+    return headers
 
 
 def _headers_back(upstream: httpx.Response) -> dict[str, str]:

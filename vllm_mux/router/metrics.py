@@ -12,6 +12,9 @@ Wake and sleep durations are histograms the daemon keeps per instance (merged
 here per model); the last wake's duration is also a gauge. The cost of a wake
 as clients feel it is in the time-to-first-token histogram.
 
+Restarts and the states "restarting" and "failed" are ``vllm-mux serve``'s
+own word about the servers it supervises, read from the router's upstreams.
+
 Names follow vLLM's (``vllm:...``) with a ``vllm_mux:`` prefix. Requests that
 name no served model are counted under ``model=""``, so that a client cannot
 grow the label set without bound.
@@ -33,8 +36,12 @@ METRICS = [
     ("vllm_mux:daemon_up", "gauge", "", "1 if the daemon answered this scrape, else 0"),
     ("vllm_mux:model_state", "gauge", "model, state",
      "1 for the model's current state, 0 for the others (starting, awake, sleeping, asleep, "
-     "waking, disconnected, unknown); \"starting\": not registered with the daemon yet, "
-     "\"unknown\": the daemon did not answer"),
+     "waking, disconnected, restarting, failed, unknown); \"starting\": not registered with "
+     "the daemon yet, \"restarting\": its server exited and serve is starting it again, "
+     "\"failed\": it failed to start three times in a row, \"unknown\": the daemon did not "
+     "answer"),
+    ("vllm_mux:instance_restarts_total", "counter", "model",
+     "times serve started the model's server again after it exited"),
     ("vllm_mux:wakes_total", "counter", "model", "wakes, as counted by the daemon"),
     ("vllm_mux:sleeps_total", "counter", "model", "sleeps, as counted by the daemon"),
     ("vllm_mux:last_wake_seconds", "gauge", "model",
@@ -55,7 +62,10 @@ METRICS = [
      "streamed or not: includes any wake"),
 ]  # fmt: skip
 
-STATES = ("starting", "awake", "sleeping", "asleep", "waking", "disconnected", "unknown")
+STATES = (
+    "starting", "awake", "sleeping", "asleep", "waking", "disconnected", "restarting", "failed",
+    "unknown",
+)  # fmt: skip
 
 # vLLM's own buckets for time to first token, so the two histograms compare.
 TTFT_BUCKETS = [
@@ -70,25 +80,31 @@ def _help(name: str) -> str:
     return _HELP.get(name) or _HELP[name + "_total"]
 
 
-def model_states(models, status: dict | None) -> dict[str, str]:
-    """Each model's state: the daemon's word for it, "starting" if the daemon
+def model_states(upstreams: dict, status: dict | None) -> dict[str, str]:
+    """Each model's state: serve's if it has one ("restarting", "failed"; see
+    ``Upstream``), else the daemon's word for it, "starting" if the daemon
     does not know it yet, "unknown" if the daemon did not answer (``status``
-    None). Models the daemon knows beyond ``models`` are included."""
+    None). Models the daemon knows beyond ``upstreams`` are included."""
     if status is None:
-        return dict.fromkeys(models, "unknown")
-    states = dict.fromkeys(models, "starting")
-    for inst in status["instances"]:
-        # A restarted instance may sit beside its disconnected predecessor:
-        # the live one speaks for the model.
-        if states.get(inst["model"], "disconnected") in ("starting", "disconnected"):
-            states[inst["model"]] = inst["state"]
+        states = dict.fromkeys(upstreams, "unknown")
+    else:
+        states = dict.fromkeys(upstreams, "starting")
+        for inst in status["instances"]:
+            # A restarted instance may sit beside its disconnected predecessor:
+            # the live one speaks for the model.
+            if states.get(inst["model"], "disconnected") in ("starting", "disconnected"):
+                states[inst["model"]] = inst["state"]
+    for model, upstream in upstreams.items():
+        if upstream.state is not None:
+            states[model] = upstream.state
     return states
 
 
 class Metrics:
     """One app's metrics, in a registry of its own (never the global one)."""
 
-    def __init__(self, models, read_status: Callable[[], dict | None], queued: dict[str, int]):
+    def __init__(self, upstreams, read_status: Callable[[], dict | None], queued: dict[str, int]):
+        """``upstreams``: each model's ``Upstream``, read at scrape time."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "vllm_mux:requests",
@@ -103,7 +119,7 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_DaemonCollector(list(models), read_status, queued))
+        self.registry.register(_DaemonCollector(upstreams, read_status, queued))
 
     def count(self, model: str, status: int) -> None:
         self.requests.labels(model, str(status)).inc()
@@ -116,21 +132,25 @@ class Metrics:
 class _DaemonCollector:
     """Reads the daemon at scrape time (a blocking call: scrape from a thread)."""
 
-    def __init__(self, models: list[str], read_status, queued: dict[str, int]):
-        self.models, self.read_status, self.queued = models, read_status, queued
+    def __init__(self, upstreams: dict, read_status, queued: dict[str, int]):
+        self.upstreams, self.read_status, self.queued = upstreams, read_status, queued
 
     def collect(self) -> Iterator[Metric]:
         name = "vllm_mux:request_queue_length"
         queue = GaugeMetricFamily(name, _help(name), labels=["model"])
-        for model in self.models:
+        restarts = CounterMetricFamily(
+            "vllm_mux:instance_restarts", _help("vllm_mux:instance_restarts"), labels=["model"]
+        )
+        for model, upstream in self.upstreams.items():
             queue.add_metric([model], self.queued.get(model, 0))
-        yield queue
+            restarts.add_metric([model], upstream.restarts)
+        yield from (queue, restarts)
 
         status = self.read_status()
         yield GaugeMetricFamily(
             "vllm_mux:daemon_up", _help("vllm_mux:daemon_up"), value=int(status is not None)
         )
-        states = model_states(self.models, status)
+        states = model_states(self.upstreams, status)
         state = GaugeMetricFamily(
             "vllm_mux:model_state", _help("vllm_mux:model_state"), labels=["model", "state"]
         )
