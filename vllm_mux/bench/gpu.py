@@ -258,6 +258,7 @@ def phase_model(args) -> dict:
     inst.sleep()
     inst.client.close()
     return {
+        "pid": os.getpid(),
         "load_seconds": load_s,
         "graph_captured": decoder.graph is not None,
         "cycles": args.cycles,
@@ -418,7 +419,7 @@ def orchestrate(args) -> int:
                 }
                 results["model"] = _phase("model", args, ["--cycles", str(args.cycles)])
                 results["daemon_memory"] = _device_memory(args.device)
-                results["daemon_pid"] = daemon.proc.pid
+                results["daemon_memory"]["daemon_pid"] = daemon.proc.pid
             results.setdefault("wake", []).append(
                 _phase(
                     "wake",
@@ -507,6 +508,13 @@ def _markdown(r: dict) -> str:
             f"{m['sleep_ms_max']:.2f}, {m['wake_ms_median']:.1f} |",
             f"| memory while asleep (this process) | {json.dumps(m['asleep'])} |",
         ]
+        smi = m["asleep"].get("nvidia_smi_mib_by_pid", {})
+        if str(m["pid"]) in smi or m["pid"] in smi:
+            mib = smi.get(m["pid"], smi.get(str(m["pid"])))
+            lines.append(
+                "| asleep: this process's device memory (nvidia-smi), less the kit's "
+                f"reference copy of the weights | {mib - m['reference_bytes'] / 2**20:.0f} MiB |"
+            )
     lines.append(f"| memory with the daemon's pool held | {json.dumps(r['daemon_memory'])} |")
     for w in r["wake"]:
         if "error" in w:
