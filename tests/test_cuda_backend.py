@@ -66,12 +66,12 @@ def _pattern(nbytes: int, seed: int):
 
 @needs_gpu
 def test_granularity(cuda):
-    from vllm_mux.memory import DEFAULT_CHUNK_SIZE
+    from vllm_mux.memory import default_chunk_size
 
     assert (cuda.name, cuda.device_type) == ("cuda", "cuda")
     g = cuda.granularity
     assert g > 0 and g & (g - 1) == 0, f"granularity {g} is not a power of two"
-    assert DEFAULT_CHUNK_SIZE % g == 0
+    assert default_chunk_size("cuda:0") % g == 0
     with pytest.raises(ValueError, match="granularity"):
         cuda.create(g + 4096)
     with pytest.raises(ValueError, match="granularity"):

@@ -11,7 +11,7 @@ import time
 
 from vllm_mux.bench import gpu
 from vllm_mux.daemon import default_socket
-from vllm_mux.memory import DEFAULT_CHUNK_SIZE
+from vllm_mux.memory import default_chunk_size
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -29,14 +29,20 @@ def _daemon(args) -> int:
     from vllm_mux.memory import backend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vllm-mux daemon: %(message)s")
-    daemon = Daemon(
-        backend(args.device),
-        args.device,
-        args.device_memory,
-        args.chunk_size,
-        args.socket,
-        wait_timeout=args.wait_timeout,
-    )
+    try:
+        device = backend(args.device)
+        args.chunk_size = args.chunk_size or default_chunk_size(args.device)
+        daemon = Daemon(
+            device,
+            args.device,
+            args.device_memory,
+            args.chunk_size,
+            args.socket,
+            wait_timeout=args.wait_timeout,
+        )
+    except (ValueError, ImportError, RuntimeError) as e:
+        print(f"vllm-mux daemon: {e}", file=sys.stderr)
+        return 2
     daemon.listen()
 
     def stop(signum, frame):
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("daemon", help="own a device's memory and lease it to vLLM instances")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--device-memory", type=parse_size, required=True, help="pool size, e.g. 8GiB")
-    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument("--chunk-size", type=parse_size, help="default: 128MiB on cuda, 32MiB on cpu")
     p.add_argument("--socket", default=default_socket(), help="default: $VLLM_MUX_SOCKET")
     p.add_argument(
         "--wait-timeout",
