@@ -1,5 +1,6 @@
 """The client side of the daemon's socket, for instances and for `status`."""
 
+import os
 import socket
 import threading
 
@@ -24,17 +25,33 @@ class Client:
                 "with `vllm-mux daemon --device-memory SIZE`, or unset VLLM_MUX_SOCKET to run "
                 "plain vLLM"
             ) from None
+        # Whoever listens gets the model's name and key and hands us the memory
+        # we map weights into: only a daemon of our own user will do.
+        _, uid = protocol.peer(self.sock)
+        if uid != os.geteuid():
+            self.sock.close()
+            raise DaemonError(
+                f"the process listening at {socket_path} is uid {uid}'s, not this user's "
+                f"(uid {os.geteuid()}): it is not our daemon, so nothing was sent to it; "
+                "another user may have taken that path: use a socket in a directory only "
+                "you can write (the default is one)"
+            )
         self._lock = threading.Lock()
 
     def call(self, op: str, **fields) -> tuple[dict, list[int]]:
+        """The daemon's reply, and its fds: only a lease's reply has any;
+        fds that come with another reply are closed here."""
         with self._lock:
             try:
                 protocol.send(self.sock, {"op": op, **fields})
                 reply, fds = protocol.recv(self.sock)
-            except OSError as e:
+            except (OSError, protocol.ProtocolError) as e:
                 raise DaemonError(f"lost the daemon at {self.socket_path}: {e}") from None
         if reply is None:
             raise DaemonError(f"the daemon at {self.socket_path} closed the connection")
+        if op != "lease" or not reply.get("ok"):
+            protocol.close_fds(fds)
+            fds = []
         if not reply.get("ok"):
             raise DaemonError(reply.get("error", "the daemon refused without a reason"))
         return reply, fds
@@ -47,7 +64,11 @@ class Client:
     def lease(self, chunks: int) -> tuple[list[int], list[int]]:
         """Lease ``chunks`` chunks: their ids and one fd for each."""
         reply, fds = self.call("lease", chunks=chunks)
-        return reply["ids"], fds
+        ids = reply.get("ids")
+        if not isinstance(ids, list) or len(ids) != len(fds):
+            protocol.close_fds(fds)
+            raise DaemonError(f"a lease's reply came with {len(fds)} fds for ids {ids!r:.80}")
+        return ids, fds
 
     def release(self, ids: list[int]) -> None:
         self.call("release", ids=ids)

@@ -1,17 +1,28 @@
-"""The wire: one JSON object per SOCK_SEQPACKET message, chunks as fds.
+"""The wire: one JSON object per message over SOCK_SEQPACKET, chunks as fds.
 
-Seqpacket keeps message boundaries, so no framing of our own; file descriptors
-ride on the message with SCM_RIGHTS. The kernel passes at most 253 fds per
-message, so a long list of fds follows its message in batches of FD_BATCH,
-each an empty JSON object ``{}`` carrying fds.
+Seqpacket keeps datagram boundaries, so a message that fits in one datagram
+needs no framing of our own. A datagram is at most PART bytes, far below a
+socket's send buffer (about 208 KiB; a larger datagram fails with EMSGSIZE):
+a longer message goes as datagrams that start with b"+" and carry a piece of
+it each, then one with the rest. File descriptors ride with SCM_RIGHTS; the
+kernel passes at most 253 per datagram, so a long list of fds follows its
+message in batches of FD_BATCH, each an empty JSON object ``{}`` carrying fds,
+and the message says how many in "nfds".
+
+Every fd received is handed to the caller or closed, whatever goes wrong.
 """
 
+import os
 import socket
+import struct
 
 import msgspec
 
-MAX_MESSAGE = 1 << 20
+PART = 64 << 10  # bytes of one datagram
+MAX_MESSAGE = 16 << 20  # bytes of one message, all its datagrams together
 FD_BATCH = 250
+MAX_NAME = 256  # characters of a model's name or an instance's key
+_MORE = b"+"  # a datagram that starts so is a piece of a longer message
 
 
 class ProtocolError(Exception):
@@ -21,47 +32,80 @@ class ProtocolError(Exception):
 def send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
     fds = list(fds)
     body = msgspec.json.encode({**message, "nfds": len(fds)} if fds else message)
-    socket.send_fds(sock, [body], fds[:FD_BATCH])
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError(f"a message of {len(body)} bytes; at most {MAX_MESSAGE} go")
+    rest, piece = memoryview(body), PART - len(_MORE)
+    while len(rest) > PART:
+        sock.sendmsg([_MORE, rest[:piece]])
+        rest = rest[piece:]
+    socket.send_fds(sock, [rest], fds[:FD_BATCH])
     for i in range(FD_BATCH, len(fds), FD_BATCH):
         socket.send_fds(sock, [b"{}"], fds[i : i + FD_BATCH])
 
 
 def recv(sock: socket.socket) -> tuple[dict | None, list[int]]:
     """The next message and its fds, or (None, []) once the peer has closed."""
-    data, fds = _recv_one(sock)
-    if not data:
-        return None, []
+    fds: list[int] = []
+    try:
+        data = _recv_one(sock, fds)
+        if not data:
+            if fds:  # the end of the connection carries no fds
+                raise ProtocolError("an empty message")
+            return None, []
+        pieces, size = [], 0
+        while data.startswith(_MORE):
+            pieces.append(data[len(_MORE) :])
+            size += len(data)
+            if size > MAX_MESSAGE:
+                raise ProtocolError(f"a message of more than {MAX_MESSAGE} bytes")
+            data = _recv_one(sock, fds)
+            if not data:
+                raise ProtocolError("the connection closed in the middle of a message")
+        message = _decode(b"".join([*pieces, data]))
+        want = message.pop("nfds", 0)
+        if type(want) is not int or want < 0:
+            raise ProtocolError("nfds must be a non-negative integer")
+        while len(fds) < want:
+            if _recv_one(sock, fds) != b"{}":
+                raise ProtocolError(f"a message's fds come in empty objects; {want} were due")
+        return message, fds
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
+def peer(sock: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end, from the kernel
+    (SO_PEERCRED, as of its connect or listen): what a peer says of itself is
+    not to be trusted."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _recv_one(sock: socket.socket, fds: list[int]) -> bytes:
+    """One datagram; its fds join ``fds`` before anything can go wrong."""
+    data, got, flags, _ = socket.recv_fds(sock, PART, FD_BATCH)
+    fds += got
+    if flags & socket.MSG_TRUNC:
+        raise ProtocolError(f"a datagram of more than {PART} bytes")
+    if flags & socket.MSG_CTRUNC:
+        raise ProtocolError(f"more than {FD_BATCH} fds in one datagram")
+    return data
+
+
+def _decode(data: bytes) -> dict:
     try:
         message = msgspec.json.decode(data)
     except msgspec.DecodeError as e:
-        _close(fds)
         raise ProtocolError(f"not JSON: {e}") from None
+    except RecursionError:  # msgspec's own limit on nesting
+        raise ProtocolError("not JSON this daemon reads: nested too deeply") from None
     if not isinstance(message, dict):
-        _close(fds)
         raise ProtocolError("a message must be a JSON object")
-    want = message.pop("nfds", 0)
-    if type(want) is not int or want < 0:
-        _close(fds)
-        raise ProtocolError("nfds must be a non-negative integer")
-    while len(fds) < want:
-        more, extra = _recv_one(sock)
-        if not more:
-            _close(fds)
-            raise ProtocolError("connection closed in the middle of a message's fds")
-        fds += extra
-    return message, fds
-
-
-def _recv_one(sock: socket.socket) -> tuple[bytes, list[int]]:
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE, FD_BATCH)
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-        _close(fds)
-        raise ProtocolError("message too large")
-    return data, list(fds)
-
-
-def _close(fds: list[int]) -> None:
-    import os
-
-    for fd in fds:
-        os.close(fd)
+    return message

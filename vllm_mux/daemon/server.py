@@ -12,22 +12,31 @@ requests and can put the instance to sleep. When a lease does not fit, the
 daemon asks other instances' controllers to sleep — idle ones first, least
 recently used first, never a pinned one — and grants leases in the order
 they were asked for once enough chunks are free.
+
+Nothing a peer does may stop the daemon or cost it for good: a connection
+that says nothing is closed after HELLO_TIMEOUT, a controller that does not
+answer is given up after ASK_TIMEOUT, and running out of fds or threads only
+slows accept() down until connections close.
 """
 
 import logging
 import os
+import resource
 import select
 import socket
 import stat
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 
-from vllm_mux.daemon import protocol
+from vllm_mux.daemon import fallback_dir, make_fallback_dir, protocol
 from vllm_mux.daemon.pool import Pool, PoolError
 
 log = logging.getLogger("vllm_mux.daemon")
+
+HELLO_TIMEOUT = 10.0  # seconds a new connection has to send its first message
+ASK_TIMEOUT = 5.0  # seconds a controller has to answer one question
+FD_MARGIN = 1024  # fds beyond one per chunk: connections, pidfds and the rest
 
 STATES = ("starting", "awake", "sleeping", "asleep", "waking")
 # Upper bounds (seconds) of the wake and sleep latency histograms kept per instance.
@@ -75,22 +84,30 @@ class Controller:
     """The daemon's end of an instance's controller connection: the daemon asks,
     the controller answers at once (it never blocks on the engine to reply)."""
 
-    def __init__(self, conn: socket.socket, pinned: bool, idle_ttl: float):
+    def __init__(self, conn: socket.socket, pinned: bool, idle_ttl: float, timeout: float):
         self.conn, self.pinned, self.idle_ttl = conn, pinned, idle_ttl
+        self.timeout = timeout
         self.lock = threading.Lock()
         self.seq = 0
-        conn.settimeout(5)
 
     def ask(self, op: str) -> dict | None:
-        """The controller's reply, or None if it is gone or mute. Each question
-        carries a number: a late answer to an earlier one is skipped, not taken
-        for this one's."""
+        """The controller's reply, or None if it is gone, mute or wrong. Each
+        question carries a number: a late answer to an earlier one is skipped,
+        not taken for this one's. The whole exchange has ``timeout`` seconds,
+        however many answers come: callers wait on it, some holding up leases."""
         with self.lock:
             self.seq += 1
+            deadline = time.monotonic() + self.timeout
             try:
+                self.conn.settimeout(self.timeout)
                 protocol.send(self.conn, {"op": op, "seq": self.seq})
                 while True:
-                    reply, _ = protocol.recv(self.conn)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self.conn.settimeout(left)
+                    reply, fds = protocol.recv(self.conn)
+                    protocol.close_fds(fds)  # an answer carries none
                     if reply is None or reply.get("seq") == self.seq:
                         break
             except (OSError, protocol.ProtocolError):
@@ -124,6 +141,7 @@ class Daemon:
                 f"chunk size {chunk_size} is not a multiple of the device's granularity "
                 f"{backend.granularity}"
             )
+        _raise_fd_limit(n)
         self.backend = backend
         self.device = device
         self.socket_path = socket_path
@@ -131,46 +149,85 @@ class Daemon:
         self.pool = Pool(n, chunk_size)
         self.instances: dict[int, Instance] = {}
         self.wait_timeout = wait_timeout
+        self.hello_timeout = HELLO_TIMEOUT
+        self.ask_timeout = ASK_TIMEOUT
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # chunks freed, waiters moved
         self.waiters: list[int] = []  # instance ids waiting for a lease, first come first
         self._next_id = 1
         self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
 
     # -- lifecycle --
 
     def listen(self) -> None:
-        if os.path.lexists(self.socket_path):
-            if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                raise RuntimeError(f"{self.socket_path} exists and is not a socket")
+        """Bind the socket, 0600, in a directory no other user can write to
+        (or a sticky one, like /tmp, where they cannot remove what is ours),
+        never in place of another user's socket."""
+        path = self.socket_path
+        _check_directory(os.path.dirname(os.path.abspath(path)))
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise RuntimeError(f"{path} exists and is not a socket")
+            if st.st_uid != os.geteuid():
+                raise RuntimeError(
+                    f"{path} is a socket of uid {st.st_uid}, not of this user (uid "
+                    f"{os.geteuid()}): another user's daemon listens there or left it "
+                    "behind; choose another --socket"
+                )
             with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
                 try:
-                    probe.connect(self.socket_path)
+                    probe.connect(path)
                 except OSError:
-                    os.unlink(self.socket_path)  # left behind by a daemon that died
+                    os.unlink(path)  # left behind by a daemon that died
                 else:
-                    raise RuntimeError(f"a daemon is already listening at {self.socket_path}")
+                    raise RuntimeError(f"a daemon is already listening at {path}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)  # the socket is 0600 from the moment it exists
         try:
-            sock.bind(self.socket_path)
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise RuntimeError(f"cannot listen at {path}: {e.strerror}") from None
         finally:
             os.umask(old)
         sock.listen(64)
         self._listener = sock
 
     def serve_forever(self) -> None:
+        """Accept connections until shutdown(). Running out of fds or threads
+        is no reason to stop: wait a little longer each time and try again, as
+        connections close (idle ones do after ``hello_timeout``)."""
         if self._listener is None:
             self.listen()
         listener = self._listener  # shutdown() sets the attribute to None
-        while True:
+        delay = 0.0
+        while not self._stopping.is_set():
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # closed by shutdown()
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except OSError as e:  # EMFILE, ENFILE, ENOMEM; EINVAL once shut down
+                delay = self._back_off(delay, e)
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except RuntimeError as e:  # can't start new thread
+                conn.close()
+                delay = self._back_off(delay, e)
+                continue
+            delay = 0.0
+
+    def _back_off(self, delay: float, error: Exception) -> float:
+        if self._stopping.is_set():
+            return delay
+        if not delay:
+            log.warning("cannot take a connection (%s); trying again as others close", error)
+        delay = min(max(2 * delay, 0.05), 1.0)
+        self._stopping.wait(delay)
+        return delay
 
     def shutdown(self) -> None:
+        self._stopping.set()
         if self._listener is not None:
             try:  # wakes a thread blocked in accept(); close() alone does not
                 self._listener.shutdown(socket.SHUT_RDWR)
@@ -184,15 +241,13 @@ class Daemon:
     # -- one connection --
 
     def _serve(self, conn: socket.socket) -> None:
-        pid, uid, _ = struct.unpack(
-            "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-        )
-        if uid not in (os.geteuid(), 0):
-            protocol.send(conn, {"ok": False, "error": f"uid {uid} may not use this daemon"})
-            conn.close()
-            return
+        pid, uid = protocol.peer(conn)
         me: Instance | None = None
         try:
+            if uid not in (os.geteuid(), 0):
+                protocol.send(conn, {"ok": False, "error": f"uid {uid} may not use this daemon"})
+                return
+            conn.settimeout(self.hello_timeout)  # until its first message
             while True:
                 try:
                     message, fds = protocol.recv(conn)
@@ -201,8 +256,8 @@ class Daemon:
                     continue
                 if message is None:
                     return
-                for fd in fds:  # nothing a client sends us carries fds
-                    os.close(fd)
+                conn.settimeout(None)
+                protocol.close_fds(fds)  # nothing a client sends us carries fds
                 if message.get("op") == "hello" and message.get("role") == "controller":
                     if self._attach_controller(conn, message):
                         conn = None  # it now belongs to the instance's record
@@ -213,7 +268,7 @@ class Daemon:
                 except (PoolError, ValueError, KeyError, TypeError) as e:
                     reply, out_fds = {"ok": False, "error": str(e)}, []
                 protocol.send(conn, reply, out_fds)
-        except OSError as e:
+        except (OSError, protocol.ProtocolError) as e:  # ProtocolError: a reply too large
             log.info("connection of pid %d broke: %s", pid, e)
         finally:
             if conn is not None:
@@ -223,16 +278,22 @@ class Daemon:
 
     def _attach_controller(self, conn: socket.socket, message: dict) -> bool:
         key, ttl = message.get("key"), message.get("idle_ttl", 0)
-        with self.lock:
-            found = [i for i in self.instances.values() if key and i.key == key]
-            if not found or not isinstance(ttl, int | float):
-                error = f"no instance registered with key {key!r}" if not found else "bad idle_ttl"
+        if not isinstance(ttl, int | float):
+            protocol.send(conn, {"ok": False, "error": "bad idle_ttl"})
+            return False
+        controller = Controller(conn, bool(message.get("pinned")), float(ttl), self.ask_timeout)
+        with controller.lock:  # no question goes out before the answer to hello
+            with self.lock:
+                found = next((i for i in self.instances.values() if key and i.key == key), None)
+                if found:  # a controller that connects again replaces the old
+                    old, found.controller = found.controller, controller
+            if not found:
+                error = f"no instance registered with key {key!r:.300}"
                 protocol.send(conn, {"ok": False, "error": error})
                 return False
-            if found[0].controller:  # a controller that connects again replaces the old
-                found[0].controller.close()
-            found[0].controller = Controller(conn, bool(message.get("pinned")), float(ttl))
-        protocol.send(conn, self._ok(instance=found[0].id))
+            protocol.send(conn, self._ok(instance=found.id))
+        if old:
+            old.close()  # not under the lock: it may wait for a question in flight
         return True
 
     def _handle(self, message: dict, pid: int, me: Instance | None):
@@ -248,8 +309,17 @@ class Daemon:
             key = message.get("key", "")
             if not isinstance(key, str):
                 raise ValueError("an instance's key is a string")
+            for what, text in (("a model's name", model), ("an instance's key", key)):
+                if len(text) > protocol.MAX_NAME:
+                    raise ValueError(
+                        f"{what} is at most {protocol.MAX_NAME} characters, not {len(text)}"
+                    )
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError as e:
+                raise ValueError(f"cannot watch process {pid}: {e.strerror}") from None
             with self.lock:
-                me = Instance(self._next_id, pid, model, os.pidfd_open(pid), key=key)
+                me = Instance(self._next_id, pid, model, pidfd, key=key)
                 self._next_id += 1
                 self.instances[me.id] = me
             log.info("instance %d (pid %d) registered for model %s", me.id, pid, model)
@@ -405,16 +475,25 @@ class Daemon:
             log.warning(
                 "instance %d (pid %d) left holding chunks; waiting for it to exit", me.id, me.pid
             )
-            select.select([me.pidfd], [], [])  # readable once the process has exited
-        with self.lock:
-            returned = self.pool.release_all(me.id)
-            del self.instances[me.id]
-            self.changed.notify_all()
+        gone = not holds or self._wait_for_exit(me.pidfd)
+        if gone:
+            with self.lock:
+                returned = self.pool.release_all(me.id)
+                del self.instances[me.id]
+                self.changed.notify_all()
+            if returned:
+                log.warning("instance %d exited; %d chunks back", me.id, len(returned))
         if me.controller:
             me.controller.close()
         os.close(me.pidfd)
-        if returned:
-            log.warning("instance %d exited; %d chunks back in the pool", me.id, len(returned))
+
+    def _wait_for_exit(self, pidfd: int) -> bool:
+        """True once the process has exited; False if the daemon stops first
+        (its books end with it)."""
+        while not _exited(pidfd, timeout=0.25):
+            if self._stopping.is_set():
+                return False
+        return True
 
     # -- the books, for `vllm-mux status` and tests --
 
@@ -459,6 +538,44 @@ class Daemon:
             )
 
 
-def _exited(pidfd: int) -> bool:
-    """A pidfd is readable once its process has exited."""
-    return bool(select.select([pidfd], [], [], 0)[0])
+def _exited(pidfd: int, timeout: float = 0.0) -> bool:
+    """A pidfd is readable once its process has exited. poll(), not select():
+    select() refuses fds from 1024 on, and a daemon that holds a pool of
+    thousands of chunks (an fd each) opens every pidfd above those."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+def _raise_fd_limit(chunks: int) -> None:
+    """The daemon keeps one fd per chunk for its whole life (the cpu backend's
+    memfd, the cuda backend's exported handle), and more for connections:
+    raise the soft limit to that, or refuse now rather than fail later."""
+    need = chunks + FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ValueError(
+            f"a pool of {chunks} chunks needs {need} file descriptors (one per chunk and "
+            f"{FD_MARGIN} for connections) but this process may open at most {hard} (the "
+            "hard limit, `ulimit -Hn`): raise that limit, or use a larger --chunk-size"
+        )
+    if soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+
+def _check_directory(directory: str) -> None:
+    """Refuse a directory where other users could replace the socket with
+    theirs: one they can write to (anyone, or a group not the user's own)
+    without the sticky bit, which keeps them from removing our files."""
+    if directory == fallback_dir():
+        make_fallback_dir()
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        raise RuntimeError(f"{directory}, the socket's directory, does not exist") from None
+    others = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid())
+    if others and not st.st_mode & stat.S_ISVTX:
+        raise RuntimeError(
+            f"other users can write to {directory} (mode {stat.S_IMODE(st.st_mode):o}) and "
+            "could replace the socket: choose a --socket in a directory only you can write"
+        )
