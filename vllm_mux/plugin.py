@@ -18,3 +18,6 @@ def register() -> None:
 
     Client(socket_path).close()  # raises with a clear message if nobody listens
     apply()
+    from vllm_mux.worker import register as register_sleep_mode
+
+    register_sleep_mode()  # vLLM's extension point: the "vllm_mux" sleep-mode backend
