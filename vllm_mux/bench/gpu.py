@@ -390,7 +390,8 @@ def orchestrate(args) -> int:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # same kernels each replay
     cuda = args.device.startswith("cuda")
     args.socket = str(Path(tempfile.mkdtemp(prefix="vllm-mux-kit-")) / "daemon.sock")
-    results: dict = {"machine": _machine(args.device), "args": vars(args).copy()}
+    settings = {k: v for k, v in vars(args).items() if not callable(v)}
+    results: dict = {"machine": _machine(args.device), "args": settings}
     started = time.perf_counter()
 
     if cuda:
