@@ -109,6 +109,11 @@ def _status(args) -> int:
     return 0
 
 
+def _socket(args) -> int:
+    print(default_socket())
+    return 0
+
+
 def _model_path(args) -> int:
     from vllm_mux.models import model_path
 
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", default=default_socket())
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_status)
+
+    p = sub.add_parser("socket", help="print where the daemon listens by default")
+    p.set_defaults(run=_socket)
 
     p = sub.add_parser("model", help="bundled models")
     msub = p.add_subparsers(dest="model_command", required=True)
