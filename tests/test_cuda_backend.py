@@ -309,3 +309,13 @@ def test_allocating_puts_new_tensors_in_the_heap(cuda):
     finally:
         torch.cuda.synchronize()
         arena.close()  # unmaps and releases every chunk it mapped
+
+
+@needs_gpu
+def test_identity_is_the_uuid_nvidia_smi_shows(cuda):
+    import shutil
+
+    assert cuda.identity.startswith("GPU-") and len(cuda.identity) == 40
+    if shutil.which("nvidia-smi"):
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+        assert cuda.identity in listing, listing

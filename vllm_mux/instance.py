@@ -35,13 +35,25 @@ WAKE_PIECE = 256 << 20
 
 
 class Instance:
-    def __init__(self, socket_path: str, model: str, key: str = ""):
+    def __init__(self, socket_path: str, model: str, key: str = "", device_index=None):
+        """``device_index``: the device this process computes on, in its own
+        numbering (CUDA_VISIBLE_DEVICES may differ from the daemon's); it must
+        be the daemon's device. None: the daemon's index."""
         # No timeout: a lease may wait while the daemon asks others to sleep.
         self.client = Client(socket_path, timeout=None)
         hello = self.client.hello(model, key)
         self.id = hello["instance"]
         self.chunk_size = hello["chunk_size"]
-        self.backend = make_backend(hello["device"])
+        kind, _, index = hello["device"].partition(":")
+        self.backend = make_backend(f"{kind}:{index if device_index is None else device_index}")
+        theirs = hello.get("device_identity")
+        if theirs and theirs != self.backend.identity:
+            self.client.close()
+            raise RuntimeError(
+                f"vllm-mux: the daemon's pool is on {hello['device']} ({theirs}) but this "
+                f"process computes on {self.backend.identity}: run the instance on the "
+                "daemon's device (CUDA_VISIBLE_DEVICES), or start a daemon for this one"
+            )
         pool_bytes = hello["total_chunks"] * self.chunk_size
         self.weights = Arena(self.backend, pool_bytes, self.chunk_size)
         # The KV cache is written a block at a time after a wake: no need to

@@ -41,7 +41,9 @@ def instance(worker):
         if isinstance(model, list):
             model = model[0]
         key = os.environ.get("VLLM_MUX_INSTANCE", "")
-        _instance = Instance(os.environ["VLLM_MUX_SOCKET"], str(model), key)
+        index = getattr(worker, "device", None)
+        index = index.index if getattr(index, "type", "cpu") != "cpu" else None
+        _instance = Instance(os.environ["VLLM_MUX_SOCKET"], str(model), key, index)
         # Worker.sleep_mode_backend resolves this name lazily, on the first sleep.
         worker.vllm_config.model_config.sleep_mode_backend = SLEEP_MODE_BACKEND
     return _instance

@@ -56,6 +56,7 @@ class Backend:
     name = "cpu"
     device_type = "cpu"  # torch device type of tensors over this memory
     granularity = mmap.PAGESIZE
+    identity = "cpu"  # what the daemon and an instance compare to agree on the device
 
     def __init__(self, index: int = 0):
         if index != 0:

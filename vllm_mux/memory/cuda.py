@@ -27,6 +27,7 @@ import ctypes
 import logging
 import os
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -136,6 +137,12 @@ class Backend:
                 "cuMemGetAllocationGranularity",
             )
         )
+        raw = _check(driver.cuDeviceGetUuid(self._device), "cuDeviceGetUuid").bytes
+        raw = raw if isinstance(raw, bytes) else bytes(b & 0xFF for b in raw)
+        # The same GPU has a different index in processes with different
+        # CUDA_VISIBLE_DEVICES: its UUID (as nvidia-smi -L writes it) is how the
+        # daemon and an instance agree on it.
+        self.identity = f"GPU-{uuid.UUID(bytes=raw)}"
         self._mapped: dict[int, int] = {}  # address -> size of each mapped chunk
         self._lock = threading.Lock()
         self._stream = None  # copy_in's side stream, made on first use
