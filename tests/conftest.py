@@ -14,6 +14,10 @@ from vllm_mux.memory.cpu import Backend
 # sequences at once.
 SERVER_ARGS = [*CPU_ARGS, "--max-num-seqs", "16"]
 
+# How long a test waits for an answer or a state: far beyond what a busy
+# 2-core machine takes (minutes), so that only a hang reaches it.
+PATIENCE_S = 900
+
 PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -47,7 +51,7 @@ class Daemon:
         finally:
             client.close()
 
-    def wait_for(self, predicate, timeout: float = 30) -> dict:
+    def wait_for(self, predicate, timeout: float = PATIENCE_S) -> dict:
         """The first status that satisfies ``predicate``."""
         import time
 
@@ -147,7 +151,13 @@ def module_server_factory(tmp_path_factory):
 def _servers(tmp_path):
     started = []
 
-    def start(model: str, name: str = "smol", socket_path=None, args=(), wait=True, env=None):
+    def start(
+        model: str, name="smol", socket_path=None, args=(), wait=True, env=None, cpu_cores=None
+    ):
+        """``cpu_cores``: its VLLM_CPU_OMP_THREADS_BIND; instances that compute
+        at once get theirs from ``cpu_binds``, as under ``vllm-mux serve``."""
+        if cpu_cores is not None:
+            env = {**(env or {}), "VLLM_CPU_OMP_THREADS_BIND": cpu_cores}
         s = VllmServer(
             model,
             tmp_path / f"vllm-{name}-{len(started)}.log",
@@ -171,7 +181,7 @@ def greedy(server: VllmServer, prompt: str, max_tokens: int = 24) -> str:
         "max_tokens": max_tokens,
         "temperature": 0,
     }
-    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120)
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=PATIENCE_S)
     r.raise_for_status()
     return r.json()["choices"][0]["message"]["content"]
 
@@ -238,11 +248,17 @@ def tiny_model_dir(tmp_path_factory, model_dir) -> str:
 
 
 def stream_text(
-    server: VllmServer, prompt: str, max_tokens: int = 24, ignore_eos=False, stop=None
+    server: VllmServer,
+    prompt: str,
+    max_tokens: int = 24,
+    ignore_eos=False,
+    stop=None,
+    started=None,
 ) -> str:
     """A streamed greedy chat answer, joined; ``ignore_eos`` makes it exactly
     ``max_tokens`` long (a vLLM extension), to keep an instance busy; setting
-    the event ``stop`` hangs up early (vLLM aborts the request)."""
+    the event ``stop`` hangs up early (vLLM aborts the request); the event
+    ``started`` is set once the first words are in."""
     import json
 
     body = {
@@ -254,12 +270,15 @@ def stream_text(
         "ignore_eos": ignore_eos,
     }
     parts = []
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=300) as r:
+    url = f"{server.url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=PATIENCE_S) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 delta = json.loads(line[6:])["choices"][0]["delta"]
                 parts.append(delta.get("content") or "")
+                if started is not None and parts[-1]:
+                    started.set()
             if stop is not None and stop.is_set():
                 break
     return "".join(parts)

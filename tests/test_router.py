@@ -28,6 +28,7 @@ from vllm_mux.router.app import Upstream
 
 CS = 64 << 10  # small chunks keep the pool cheap
 PAUSE = 0.02  # between two streamed chunks of a fake
+PATIENCE_S = 60  # waits end on what they wait for; this only on a hang
 
 
 # -- servers in threads --
@@ -54,7 +55,7 @@ class Served:
         self.sock.close()
 
 
-def wait_for(predicate, timeout=5.0):
+def wait_for(predicate, timeout=PATIENCE_S):
     deadline = time.monotonic() + timeout
     while not (value := predicate()) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -224,7 +225,9 @@ def router(router_factory):
 
 
 def client(router: Served, api_key: str = "none") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{router.url}/v1", api_key=api_key, max_retries=0, timeout=10)
+    return openai.OpenAI(
+        base_url=f"{router.url}/v1", api_key=api_key, max_retries=0, timeout=PATIENCE_S
+    )
 
 
 def chat(c: openai.OpenAI, model: str, prompt: str = "hi", **kwargs):
@@ -255,7 +258,7 @@ def raw(router: Served, data: bytes) -> tuple[int, dict]:
     JSON body, read as soon as it comes, whether or not the request ended.
     The socket's timeout is only reached when no answer comes at all."""
     port = int(router.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S) as s:
         s.sendall(data)
         f = s.makefile("rb")
         status, length = int(f.readline().split()[1]), 0
@@ -440,7 +443,7 @@ def test_queue_full_429(router_factory, fakes):
         assert_serving(router)  # another model is not held up
     finally:
         slow.gate.set()
-    held.join(5)
+    held.join(PATIENCE_S)
     assert results[0].choices[0].message.content == "slow: first"
     assert metrics(router)[queue] == 0
     assert chat(client(router), "slow", "third").choices[0].message.content == "slow: third"
@@ -484,7 +487,7 @@ def test_32_concurrent_streams_over_two_models(router):
 
     async def main():
         async with openai.AsyncOpenAI(
-            base_url=f"{router.url}/v1", api_key="none", max_retries=0, timeout=20
+            base_url=f"{router.url}/v1", api_key="none", max_retries=0, timeout=PATIENCE_S
         ) as c:
             models = ["alpha", "beta"] * 16
             return models, await asyncio.gather(*(one(c, m, i) for i, m in enumerate(models)))

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from conftest import assert_books_balance, greedy, stream_text
+from conftest import PATIENCE_S, assert_books_balance, greedy, stream_text
+from vllm_mux.launch import cpu_binds
 
 pytestmark = pytest.mark.vllm
 
@@ -21,20 +22,21 @@ def pool_for_two(module_daemon_factory, module_server_factory, model_dir, tiny_m
         ("smol-b", model_dir, {}),
         ("tiny", tiny_model_dir, {"VLLM_MUX_IDLE_TTL": "3"}),
     )
+    # Cores as serve gives them: smol-a and smol-b, which compute at once
+    # below, get cores of their own (one each on two cores; tiny shares).
+    cores = cpu_binds(len(instances))
     servers, solo = {}, {}
-    for name, model, env in instances:
-        servers[name] = module_server_factory(model, name=name, socket_path=daemon.socket, env=env)
+    for (name, model, env), bind in zip(instances, cores):
+        servers[name] = module_server_factory(
+            model, name=name, socket_path=daemon.socket, env=env, cpu_cores=bind
+        )
         solo[name] = greedy(servers[name], QUESTION)
     return daemon, servers, solo
 
 
-def states(daemon) -> dict:
-    return states_of(daemon.status())
-
-
 def test_idle_instance_sleeps_by_itself_and_pinned_never(pool_for_two):
     daemon, servers, solo = pool_for_two
-    status = daemon.wait_for(lambda s: states_of(s)["tiny"] == "asleep", timeout=15)
+    status = daemon.wait_for(lambda s: states_of(s)["tiny"] == "asleep")
     assert states_of(status)["tiny"] == "asleep"
     assert_books_balance(status)
     # smol-a's TTL (3 s) passed long ago, but it is pinned.
@@ -42,12 +44,15 @@ def test_idle_instance_sleeps_by_itself_and_pinned_never(pool_for_two):
     me = {i["model"]: i for i in status["instances"]}["smol-a"]
     assert me["pinned"] and time.time() - me["last_active"] > 3
 
-    # The next request wakes the sleeper; it falls asleep again after its TTL.
+    # The next request wakes the sleeper; it falls asleep again after its TTL
+    # (the daemon's clock: "last_active" of a sleeper is when it fell asleep).
+    before = instance(status, "tiny")
+    sent = time.time()
     assert greedy(servers["tiny"], QUESTION) == solo["tiny"]
-    assert states(daemon)["tiny"] == "awake"
-    start = time.monotonic()
-    status = daemon.wait_for(lambda s: states_of(s)["tiny"] == "asleep", timeout=15)
-    assert states_of(status)["tiny"] == "asleep" and 2.5 < time.monotonic() - start < 10
+    status = daemon.wait_for(lambda s: instance(s, "tiny")["sleeps"] == before["sleeps"] + 1)
+    tiny = instance(status, "tiny")
+    assert tiny["state"] == "asleep" and tiny["wakes"] == before["wakes"] + 1
+    assert tiny["last_active"] - sent > 2.5
     assert_books_balance(status)
 
 
@@ -58,19 +63,20 @@ def test_two_stay_awake_and_serve_at_once(pool_for_two):
     assert greedy(a, QUESTION) == solo["smol-a"]
     before = {i["model"]: i["wakes"] for i in daemon.status()["instances"]}
 
-    long_answer, hang_up = [], threading.Event()
+    long_answer, started, hang_up = [], threading.Event(), threading.Event()
 
     def stream():  # far longer than b's answers take, cut short once they are in
-        long_answer.append(stream_text(a, QUESTION, 1900, ignore_eos=True, stop=hang_up))
+        text = stream_text(a, QUESTION, 1900, ignore_eos=True, stop=hang_up, started=started)
+        long_answer.append(text)
 
     streaming = threading.Thread(target=stream)
     streaming.start()
-    time.sleep(1)
+    assert started.wait(PATIENCE_S)
     for _ in range(3):  # served while smol-a's stream is still running
         assert greedy(b, QUESTION) == solo["smol-b"]
     still_streaming = streaming.is_alive()
     hang_up.set()
-    streaming.join(300)
+    streaming.join(PATIENCE_S)
     assert still_streaming and long_answer[0].startswith(solo["smol-a"])
 
     status = daemon.status()
@@ -87,10 +93,15 @@ def test_a_pinned_instance_is_never_asked_to_sleep(pool_for_two):
     assert greedy(servers["tiny"], QUESTION) == solo["tiny"]  # needs room: one must sleep
     expected = {"smol-a": "awake", "smol-b": "asleep", "tiny": "awake"}
     # smol-b hands its chunks back a moment before it reports itself asleep
-    status = daemon.wait_for(lambda s: states_of(s) == expected, timeout=10)
+    status = daemon.wait_for(lambda s: states_of(s) == expected)
     assert states_of(status) == expected
     assert_books_balance(status)
 
 
 def states_of(status: dict) -> dict:
     return {i["model"]: i["state"] for i in status["instances"]}
+
+
+def instance(status: dict, model: str) -> dict:
+    (found,) = [i for i in status["instances"] if i["model"] == model]
+    return found

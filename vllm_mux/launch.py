@@ -80,7 +80,7 @@ def start_daemon(
     argv = [sys.executable, "-m", "vllm_mux.cli", "daemon", "--device", device]
     argv += ["--device-memory", device_memory, "--socket", socket_path, *args]
     daemon = Process(argv, log)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a busy machine imports slowly
     while not os.path.exists(socket_path):
         if not daemon.alive() or time.monotonic() > deadline:
             daemon.stop()
@@ -89,8 +89,48 @@ def start_daemon(
     return daemon
 
 
+def cpu_binds(count: int, cores: list[int] | None = None) -> list[str]:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for each of ``count`` CPU instances.
+
+    vLLM's default ("auto") binds every instance to the same cores, so two
+    instances computing at once fight over them while other cores idle. Here
+    each gets a block of ``cores`` (default: the ones this process may run on)
+    of its own, as large as they can be, with one core left to the front ends
+    (API servers, engine loops, router) when there are more cores than
+    instances, as "auto" does. With fewer cores than instances the blocks (one
+    core each) wrap around: instances share a core, each with one thread, the
+    least they can share; an instance's engine and API server are not bound
+    and go wherever the OS finds room.
+    """
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    if count == 0:
+        return []
+    spare = 1 if len(cores) > count else 0
+    per = max(1, (len(cores) - spare) // count)
+    return [
+        ",".join(str(cores[(i * per + j) % len(cores)]) for j in range(per)) for i in range(count)
+    ]
+
+
+def cpu_ids(bind: str) -> set[int]:
+    """The cpu ids a ``VLLM_CPU_OMP_THREADS_BIND`` value names ("0-3,8"; none
+    for "auto" and "nobind")."""
+    if bind in ("auto", "nobind"):
+        return set()
+    ids = set()
+    for part in bind.split(","):
+        first, _, last = part.partition("-")
+        ids.update(range(int(first), int(last or first) + 1))
+    return ids
+
+
 class VllmServer(Process):
-    """vLLM's OpenAI server, started the way users start it on this platform."""
+    """vLLM's OpenAI server, started the way users start it on this platform.
+
+    It listens on 127.0.0.1 only, whatever ``args`` say: with dev mode on it
+    serves /sleep, /wake_up and /collective_rpc with no key, so it must not
+    be reachable from the network (the router is the door, behind its key).
+    """
 
     def __init__(
         self,
@@ -106,7 +146,8 @@ class VllmServer(Process):
         self.name = name
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-        argv += ["--served-model-name", name, "--port", str(self.port), *args]
+        argv += ["--served-model-name", name, *args]
+        argv += ["--host", "127.0.0.1", "--port", str(self.port)]  # last: they win
         env = {"VLLM_SERVER_DEV_MODE": "1", **(env or {})}
         if socket_path:
             env["VLLM_MUX_SOCKET"] = socket_path
@@ -114,20 +155,26 @@ class VllmServer(Process):
             env["VLLM_MUX_SOCKET"] = ""  # plain vLLM, even inside a configured shell
         super().__init__(argv, log, env)
 
-    def wait_ready(self, timeout: float = 300, poll: float = 0.5) -> "VllmServer":
+    def wait_ready(self, timeout: float = 900, poll: float = 0.5) -> "VllmServer":
+        """Until /health answers; the timeout is for a server that hangs, far
+        above a start on a busy 2-core machine (minutes)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(
+                    f"vLLM exited with {self.proc.returncode} (log: {self.log_path}):\n{self.log()}"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(poll)
-        raise TimeoutError(f"vLLM not ready after {timeout} s:\n{self.log()}")
+        raise TimeoutError(
+            f"vLLM not ready after {timeout} s (log: {self.log_path}):\n{self.log()}"
+        )
 
-    def post(self, path: str, timeout: float = 120, **kwargs) -> httpx.Response:
+    def post(self, path: str, timeout: float = 600, **kwargs) -> httpx.Response:
         response = httpx.post(f"{self.url}{path}", timeout=timeout, **kwargs)
         response.raise_for_status()
         return response
