@@ -1,4 +1,5 @@
-"""`vllm-mux serve`: one OpenAI port for two models on a pool that holds one."""
+"""`vllm-mux serve`: one OpenAI port for two models on a pool that holds one,
+beside a third whose source is broken; serve heals a killed instance."""
 
 import os
 import signal
@@ -27,12 +28,24 @@ QUESTION = "What is the capital of France?"
 def serve(tmp_path_factory, model_dir):
     tmp = tmp_path_factory.mktemp("serve")
     port, sock = free_port(), str(tmp / "mux.sock")
+    broken = tmp / "broken"  # a model directory whose config is not JSON
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", oops')
     argv = [sys.executable, "-m", "vllm_mux.cli", "serve", "--port", str(port)]
     argv += ["--socket", sock, "--log-dir", str(tmp / "logs"), "--api-key", KEY]
+    # The default config's two models (a pool that holds one), and the broken one.
+    argv += [
+        "--model",
+        "smol-a=smollm2",
+        "--model",
+        "smol-b=smollm2",
+        "--model",
+        f"broken={broken}",
+    ]
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 1800  # only reached if serve hangs
     while time.monotonic() < deadline:
         assert proc.poll() is None, (tmp / "serve.log").read_text()
         try:
@@ -50,6 +63,24 @@ def serve(tmp_path_factory, model_dir):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def models(url: str) -> dict:
+    r = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return {m["id"]: m for m in r.json()["data"]}
+
+
+def wait_until(predicate, timeout: float = 900):
+    """The predicate's first true value; the timeout is only reached when
+    something is broken, not on a slow machine."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
 
 
 def client(url: str) -> openai.OpenAI:
@@ -104,8 +135,8 @@ def test_chat_and_completions_for_two_models(serve):
             assert got == answers["any"], (round_, model)
             books(sock)
 
-    models = {m.id: m for m in c.models.list().data}
-    assert set(models) == {"smol-a", "smol-b"}
+    listed = {m.id: m for m in c.models.list().data}
+    assert set(listed) == {"smol-a", "smol-b", "broken"}
     status = books(sock)
     wakes = {i["model"]: i["wakes"] for i in status["instances"]}
     assert wakes["smol-a"] >= 1 and wakes["smol-b"] >= 1
@@ -121,7 +152,7 @@ def test_chat_and_completions_for_two_models(serve):
         for s in families["vllm_mux:wakes"].samples
         if s.name.endswith("_total")
     }
-    assert woke == {m: float(w) for m, w in wakes.items()}
+    assert woke == {**{m: float(w) for m, w in wakes.items()}, "broken": 0.0}
 
 
 def test_thirty_two_concurrent_streams_complete(serve):
@@ -201,6 +232,95 @@ def test_a_client_that_leaves_mid_stream_frees_its_request(serve):
         assert wait_until(lambda: requests_at("smol-b") == 1)  # still streaming
     # Upstream aborted the request, long before its 1000 tokens (about 50 s here).
     assert wait_until(lambda: requests_at("smol-b") == 0)
+
+
+def test_instances_listen_on_loopback_only(serve):
+    """vLLM's dev-mode endpoints (/sleep, /collective_rpc) have no key: no
+    process of serve's may listen beyond 127.0.0.1 (the router's --host is)."""
+    proc, url, sock, _ = serve
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    listening = {
+        (p.pid, c.laddr.ip, c.laddr.port)
+        for p in family
+        for c in p.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN
+    }
+    servers = [p for p in family if "--served-model-name" in p.cmdline()]
+    assert {p.pid for p in servers} <= {pid for pid, _, _ in listening}
+    assert {ip for _, ip, _ in listening} == {"127.0.0.1"}, listening
+
+
+def test_instances_compute_on_cores_of_their_own(serve):
+    """smol-a and smol-b may compute at once: every thread of one's worker
+    runs on other cores than the other's (vLLM's default puts both on the
+    same); serve says which cores each got."""
+    proc, url, sock, tmp = serve
+    assert len(os.sched_getaffinity(0)) >= 2, "this test needs two cores"
+    workers = {i["model"]: i["pid"] for i in books(sock)["instances"]}
+    cores = {}
+    for model in ("smol-a", "smol-b"):
+        threads = psutil.Process(workers[model]).threads()
+        cores[model] = set().union(*(os.sched_getaffinity(t.id) for t in threads))
+        bind = ",".join(map(str, sorted(cores[model])))
+        assert f"vllm-mux: {model} computes on cpu cores {bind} " in (tmp / "serve.log").read_text()
+    assert cores["smol-a"].isdisjoint(cores["smol-b"]), cores
+
+
+def test_a_broken_model_is_marked_failed_and_the_others_serve(serve):
+    proc, url, sock, tmp = serve
+    broken = models(url)["broken"]
+    assert broken["state"] == "failed" and broken["restarts"] == 0
+    assert "is not a valid JSON file" in broken["error"]  # the end of its log
+    log = (tmp / "serve.log").read_text()
+    for attempt in (1, 2, 3):
+        assert f"vllm-mux: broken did not start ({attempt}/3)" in log
+    r = httpx.post(
+        f"{url}/v1/completions", json={"model": "broken", "prompt": "x"}, headers=AUTH, timeout=60
+    )
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_failed"
+    metrics = httpx.get(f"{url}/metrics", headers=AUTH, timeout=60).text
+    assert 'vllm_mux:model_state{model="broken",state="failed"} 1.0' in metrics
+    body = {"model": "smol-b", "prompt": "The sky is", "max_tokens": 4}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=None)
+    assert r.status_code == 200
+
+
+def test_a_killed_instance_is_restarted_and_serves_again(serve):
+    proc, url, sock, tmp = serve
+    body = {"model": "smol-a", "prompt": "The sky is", "max_tokens": 8, "temperature": 0}
+
+    def complete() -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=None)
+
+    before = complete()
+    assert before.status_code == 200
+    (worker,) = [i["pid"] for i in books(sock)["instances"] if i["model"] == "smol-a"]
+    os.kill(worker, signal.SIGKILL)  # what the OOM killer does to the biggest process
+
+    # Its server exits, and serve starts it again: meanwhile, 503 and Retry-After.
+    assert wait_until(lambda: models(url)["smol-a"]["state"] == "restarting")
+    r = complete()
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["error"]["code"] == "model_unavailable"
+
+    # Then it serves again, the same answers, and both counts show the restart.
+    assert wait_until(lambda: models(url)["smol-a"]["state"] != "restarting")
+    after = complete()
+    assert after.status_code == 200
+    assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+    assert models(url)["smol-a"]["restarts"] == 1 and models(url)["smol-b"]["restarts"] == 0
+    metrics = httpx.get(f"{url}/metrics", headers=AUTH, timeout=60).text
+    assert 'vllm_mux:instance_restarts_total{model="smol-a"} 1.0' in metrics
+    # The dead worker's memory went back to the pool; only the new one holds any.
+    status = wait_until(lambda: _only_live(books(sock)))
+    assert status, books(sock)
+    assert "vllm-mux: smol-a exited" in (tmp / "serve.log").read_text()
+
+
+def _only_live(status: dict) -> dict | None:
+    """The status once no instance of a dead process holds a chunk."""
+    dead = [i for i in status["instances"] if not psutil.pid_exists(i["pid"])]
+    return None if any(i["chunks"] for i in dead) else status
 
 
 def test_sigterm_leaves_no_process_behind(serve):

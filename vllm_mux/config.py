@@ -5,16 +5,19 @@ In the spirit of llama-swap's single file::
     device: cpu
     device_memory: 2GiB
     port: 8000
+    max_body: 16MiB                # the largest request body the router takes
     models:
       - name: smol
         source: smollm2            # a bundled model, or a model directory / id
         args: [--dtype, float32, --max-model-len, "2048"]
         idle_ttl: 300              # seconds without a request before it sleeps
         pinned: false              # never asked to sleep for another model
+        cpu_cores: "0-3"           # on cpu: VLLM_CPU_OMP_THREADS_BIND (else serve picks)
 
 An invalid file is refused at start with its line and the reason.
 """
 
+import re
 from dataclasses import dataclass, field
 
 import yaml
@@ -31,6 +34,9 @@ class Model:
     args: list[str] = field(default_factory=list)
     idle_ttl: float | None = None
     pinned: bool = False
+    # The cores its vLLM threads are bound to on cpu ("0-3", "0,2", "auto",
+    # "nobind"); None: serve gives each model cores of its own (launch.cpu_binds).
+    cpu_cores: str | None = None
 
 
 @dataclass
@@ -42,12 +48,16 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    max_body: str = "16MiB"
 
 
 _TOP = {"device": str, "device_memory": str, "chunk_size": str, "host": str, "port": int}
-_TOP |= {"api_key": str, "models": list}
+_TOP |= {"api_key": str, "max_body": str, "models": list}
 _MODEL = {"name": str, "source": str, "args": (list, dict), "idle_ttl": (int, float)}
-_MODEL |= {"pinned": bool}
+_MODEL |= {"pinned": bool, "cpu_cores": str}
+# vLLM's VLLM_CPU_OMP_THREADS_BIND for one worker: "auto", "nobind" or a list of
+# cpu ids and ranges.
+CPU_CORES = re.compile(r"auto|nobind|\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
 def load(path: str) -> Config:
@@ -76,6 +86,10 @@ def parse(text: str, path: str = "<config>") -> Config:
         fail(root, "the file must be a mapping (device, device_memory, models, ...)")
     nodes = {k.value: (k, v) for k, v in root.value}  # key -> (key node, value node)
     _check(nodes, data, _TOP, "", fail, root)
+    if data.get("api_key") == "":
+        fail(nodes["api_key"][1], EMPTY_KEY)
+    if "max_body" in data and size(data["max_body"]) is None:
+        fail(nodes["max_body"][1], f"max_body must be a size like 16MiB, not {data['max_body']!r}")
     if "models" not in data or not data["models"]:
         fail(root, "models: at least one model is needed")
     models, seen = [], set()
@@ -89,16 +103,38 @@ def parse(text: str, path: str = "<config>") -> Config:
                 fail(node, f"a model needs {required}")
         if entry["name"] in seen:
             fail(fields["name"][1], f"model name {entry['name']!r} is used twice")
+        if "cpu_cores" in entry and not CPU_CORES.fullmatch(entry["cpu_cores"]):
+            fail(
+                fields["cpu_cores"][1],
+                f'models[].cpu_cores must be like "0-3", "0,2", "auto" or "nobind", '
+                f"not {entry['cpu_cores']!r}",
+            )
         seen.add(entry["name"])
         args = entry.get("args", [])
         if isinstance(args, dict):  # {max-model-len: 2048, enforce-eager: true}
             args = [a for k, v in args.items() for a in _flag(k, v)]
         models.append(
             Model(entry["name"], entry["source"], [str(a) for a in args],
-                  entry.get("idle_ttl"), entry.get("pinned", False))
+                  entry.get("idle_ttl"), entry.get("pinned", False), entry.get("cpu_cores"))
         )  # fmt: skip
     top = {k: v for k, v in data.items() if k != "models"}
     return Config(models=models, **top)
+
+
+# An empty key would look like protection and accept "Authorization: Bearer ".
+EMPTY_KEY = "api_key is empty: give a key, or leave it out for no key"
+
+
+def size(text: str) -> int | None:
+    """'16MiB', '512K' or a number of bytes; None if it is not a size."""
+    from argparse import ArgumentTypeError
+
+    from vllm_mux.cli import parse_size
+
+    try:
+        return parse_size(text)
+    except ArgumentTypeError:
+        return None
 
 
 def _check(nodes: dict, data: dict, schema: dict, prefix: str, fail, parent) -> None:

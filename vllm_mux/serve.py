@@ -2,16 +2,31 @@
 
 Everything runs as children of this process, each in its own session, and is
 stopped on SIGINT/SIGTERM (or when start-up fails), so nothing is left behind.
+
+Serve heals: a server that exits (killed, out of memory, crashed) is started
+again after a backoff, and meanwhile the router answers its model's requests
+with 503 and Retry-After. A model whose server fails to start three times in
+a row is marked failed, with the tail of its log in the router's /v1/models,
+and the other models keep serving. Restarts are counted there and in
+/metrics (``vllm_mux:instance_restarts_total``).
 """
 
+import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from vllm_mux.config import Config, Model
-from vllm_mux.launch import CPU_ARGS, VllmServer, start_daemon
+from vllm_mux.config import EMPTY_KEY, Config, Model, size
+from vllm_mux.launch import CPU_ARGS, VllmServer, cpu_binds, cpu_ids, start_daemon
+from vllm_mux.router.app import Upstream
+
+ATTEMPTS = 3  # starts in a row that may fail before a model is marked failed
+MAX_BACKOFF_S = 60  # the longest wait before a start: 1, 2, 4, ... seconds
+STABLE_S = 60  # a server up this long before it died starts again without delay growth
+LOG_TAIL = 2000  # characters of a failed model's log shown in /v1/models
 
 
 def default_config() -> Config:
@@ -29,11 +44,119 @@ def _source(model: Model) -> str:
     return str(model_path(model.source)) if model.source in BUNDLED else model.source
 
 
+def core_binds(models: list[Model]) -> dict[str, str]:
+    """Each model's ``VLLM_CPU_OMP_THREADS_BIND``: its ``cpu_cores`` if set;
+    the others share out, by ``cpu_binds``, the cores nobody named (all the
+    cores, if the named ones take every core)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    named = set().union(*(cpu_ids(m.cpu_cores) for m in models if m.cpu_cores))
+    free = [c for c in allowed if c not in named] or allowed
+    rest = [m.name for m in models if not m.cpu_cores]
+    binds = dict(zip(rest, cpu_binds(len(rest), free)))
+    return {m.name: m.cpu_cores or binds[m.name] for m in models}
+
+
+class Keeper:
+    """Keeps one model's vLLM server running: starts it, and starts it again
+    when it exits, with a growing delay, until it fails ``ATTEMPTS`` times in
+    a row. ``upstream`` is what the router sees of it."""
+
+    def __init__(self, model: Model, config: Config, socket_path, logs: Path, env, stopping, lock):
+        self.model, self.logs, self.stopping, self.lock = model, logs, stopping, lock
+        extra = model.args or (CPU_ARGS if config.device == "cpu" else [])
+        self.args, self.socket_path = [*extra, "--enable-sleep-mode"], socket_path
+        self.env = {"VLLM_MUX_PINNED": "1" if model.pinned else "", **env}
+        if model.idle_ttl is not None:
+            self.env["VLLM_MUX_IDLE_TTL"] = str(model.idle_ttl)
+        self.upstream = Upstream(url="", state="starting")
+        self.server: VllmServer | None = None
+        self.starts = 0  # servers started, for the log's name
+        self.streak = 0  # deaths and failed starts since it last ran STABLE_S
+        self.ready_at = 0.0
+
+    def start(self) -> bool:
+        """Start the server, retrying; True once it is ready, False if it
+        failed ``ATTEMPTS`` times in a row (then marked failed) or serve stops."""
+        name = self.model.name
+        for attempt in range(1, ATTEMPTS + 1):
+            if self.streak:
+                delay = min(MAX_BACKOFF_S, 2 ** (self.streak - 1))
+                print(f"vllm-mux: starting {name} again in {delay} s", flush=True)
+                if self.stopping.wait(delay):
+                    return False
+            log = self.logs / (f"{name}.log" if not self.starts else f"{name}.{self.starts}.log")
+            with self.lock:  # serve stops every server it started, never one started after
+                if self.stopping.is_set():
+                    return False
+                self.server = VllmServer(
+                    _source(self.model), log, name=name, socket_path=self.socket_path,
+                    args=self.args, env=self.env,
+                )  # fmt: skip
+                self.starts += 1
+            try:
+                self.server.wait_ready()
+            except (RuntimeError, TimeoutError) as e:
+                if self.stopping.is_set():
+                    return False
+                self.server.stop()
+                self.streak += 1
+                reason = str(e).splitlines()[0].rstrip(":")
+                print(
+                    f"vllm-mux: {name} did not start ({attempt}/{ATTEMPTS}): {reason}", flush=True
+                )
+                continue
+            self.ready_at = time.monotonic()
+            self.upstream.url, self.upstream.error = self.server.url, None
+            self.upstream.state = None  # last: the router uses the url from now on
+            return True
+        self.upstream.error = self.server.log(LOG_TAIL)
+        self.upstream.state = "failed"
+        print(
+            f"vllm-mux: {name} failed to start {ATTEMPTS} times in a row; it is marked failed "
+            f"and the other models keep serving. The end of its log ({log}):\n"
+            f"{self.upstream.error}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+
+    def watch(self) -> None:
+        """Start the server again whenever it exits, until it fails for good."""
+        while True:
+            code = self.server.proc.wait()
+            if self.stopping.is_set():
+                return
+            self.upstream.state = "restarting"
+            self.upstream.restarts += 1
+            if time.monotonic() - self.ready_at > STABLE_S:
+                self.streak = 0
+            self.streak += 1
+            print(
+                f"vllm-mux: {self.model.name} exited ({code}); restarting it "
+                f"(restart {self.upstream.restarts}, log: {self.server.log_path})",
+                flush=True,
+            )
+            self.server.stop()  # its engine and workers, if they outlived it
+            if not self.start():
+                return
+            print(f"vllm-mux: {self.model.name} is serving again", flush=True)
+
+
 def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
     import uvicorn
 
     from vllm_mux.router.app import make_app
 
+    if config.api_key == "":
+        print(f"vllm-mux: {EMPTY_KEY}", file=sys.stderr)
+        return 2
+    max_body = size(config.max_body)
+    if max_body is None:
+        print(
+            f"vllm-mux: max_body must be a size like 16MiB, not {config.max_body!r}",
+            file=sys.stderr,
+        )
+        return 2
     logs = Path(log_dir or tempfile.mkdtemp(prefix="vllm-mux-serve-"))
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -41,7 +164,8 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    daemon, servers = None, []
+    stopping, lock = threading.Event(), threading.Lock()
+    daemon, keepers = None, []
     try:
         print(f"vllm-mux: logs in {logs}", flush=True)
         args = ["--chunk-size", config.chunk_size] if config.chunk_size else []
@@ -49,28 +173,33 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
             socket_path, config.device_memory, logs / "daemon.log", config.device, args
         )
         print(f"vllm-mux: daemon on {config.device} with {config.device_memory}", flush=True)
-        for i, model in enumerate(config.models, 1):
-            print(f"vllm-mux: starting {model.name} ({i}/{len(config.models)})...", flush=True)
-            start = time.monotonic()
-            env = {"VLLM_MUX_PINNED": "1" if model.pinned else ""}
-            if model.idle_ttl is not None:
-                env["VLLM_MUX_IDLE_TTL"] = str(model.idle_ttl)
-            extra = model.args or (CPU_ARGS if config.device == "cpu" else [])
-            server = VllmServer(
-                _source(model),
-                logs / f"{model.name}.log",
-                name=model.name,
-                socket_path=socket_path,
-                args=[*extra, "--enable-sleep-mode"],
-                env=env,
+        binds = core_binds(config.models) if config.device == "cpu" else {}
+        if binds:
+            _say_cores(binds)
+        for model in config.models:
+            env = {"VLLM_CPU_OMP_THREADS_BIND": binds[model.name]} if binds else {}
+            keepers.append(Keeper(model, config, socket_path, logs, env, stopping, lock))
+        for i, keeper in enumerate(keepers, 1):
+            print(
+                f"vllm-mux: starting model {i} of {len(keepers)}, {keeper.model.name}...",
+                flush=True,
             )
-            servers.append(server)
-            server.wait_ready(timeout=900)
-            print(f"vllm-mux: {model.name} ready in {time.monotonic() - start:.0f} s", flush=True)
+            start = time.monotonic()
+            if keeper.start():
+                took = time.monotonic() - start
+                print(f"vllm-mux: {keeper.model.name} ready in {took:.0f} s", flush=True)
+        running = [k for k in keepers if k.upstream.state is None]
+        if not running:
+            raise RuntimeError("no model started; nothing to serve")
+        for keeper in running:
+            threading.Thread(target=keeper.watch, daemon=True).start()
         app = make_app(
-            {s.name: s.url for s in servers}, daemon_socket=socket_path, api_key=config.api_key
+            {k.model.name: k.upstream for k in keepers},
+            daemon_socket=socket_path,
+            api_key=config.api_key,
+            max_body=max_body,
         )
-        print(f"vllm-mux: serving {len(servers)} models on http://{config.host}:{config.port}")
+        print(f"vllm-mux: serving {len(running)} models on http://{config.host}:{config.port}")
         sys.stdout.flush()
         uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
         return 0
@@ -83,7 +212,26 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish stopping the children
         print("vllm-mux: stopping", flush=True)
-        for server in reversed(servers):
-            server.stop()
+        with lock:
+            stopping.set()
+        for keeper in reversed(keepers):
+            if keeper.server is not None:
+                keeper.server.stop()
         if daemon is not None:
             daemon.stop()
+
+
+def _say_cores(binds: dict[str, str]) -> None:
+    """Print the cores each model computes on, and which ones models share."""
+    users = {}
+    for name, bind in binds.items():
+        print(f"vllm-mux: {name} computes on cpu cores {bind} (VLLM_CPU_OMP_THREADS_BIND)")
+        for core in cpu_ids(bind):
+            users.setdefault(core, []).append(name)
+    for core, names in users.items():
+        if len(names) > 1:
+            print(
+                f"vllm-mux: {', '.join(names)} share core {core} (too few cores for a core "
+                "each): while they compute at once, each gets part of it",
+                flush=True,
+            )
