@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -138,7 +139,7 @@ def _serve(args) -> int:
                 print(f"vllm-mux: --model takes NAME=SOURCE, not {spec!r}", file=sys.stderr)
                 return 2
             config.models.append(Model(name, source))
-    for key in ("device", "device_memory", "chunk_size", "host", "port", "api_key"):
+    for key in ("device", "device_memory", "chunk_size", "host", "port", "api_key", "max_body"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     return serve(config, args.socket, args.log_dir)
@@ -185,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--api-key")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("VLLM_MUX_API_KEY"),
+        help="default: $VLLM_MUX_API_KEY (a key on the command line shows in ps)",
+    )
+    p.add_argument("--max-body", help="the largest request body the router takes (16MiB)")
     p.add_argument("--socket", default=default_socket())
     p.add_argument("--log-dir", help="where each process logs (default: a temporary folder)")
     p.set_defaults(run=_serve)
