@@ -417,7 +417,7 @@ class Daemon:
                 if first:
                     self._ask_to_sleep(me, n)
                 with self.lock:
-                    self.changed.wait(0.25)
+                    self.changed.wait(max(0.0, min(0.25, deadline - time.monotonic())))
         finally:
             with self.lock:
                 self.waiters.remove(me.id)
