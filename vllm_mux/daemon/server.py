@@ -34,7 +34,7 @@ from vllm_mux.daemon.pool import Pool, PoolError
 
 log = logging.getLogger("vllm_mux.daemon")
 
-HELLO_TIMEOUT = 10.0  # seconds a new connection has to send its first message
+HELLO_TIMEOUT = 30.0  # seconds a new connection has to send its first message
 ASK_TIMEOUT = 5.0  # seconds a controller has to answer one question
 FD_MARGIN = 1024  # fds beyond one per chunk: connections, pidfds and the rest
 
