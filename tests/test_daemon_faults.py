@@ -349,6 +349,7 @@ def test_client_refuses_a_listener_of_another_user(children):
     assert squatter.stdout.readline() == "listening\n"
     with pytest.raises(DaemonError, match=f"uid {NOBODY}"):
         Client(path).hello("secret-model", key="secret-key")
+    assert squatter.stdout.readline() == "got b''\n"  # it heard nothing
 
 
 def test_client_refuses_a_listener_whose_uid_is_not_ours(live, monkeypatch):
