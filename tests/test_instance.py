@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import LiveDaemon, assert_books_balance
-from vllm_mux.daemon.client import Client
+from vllm_mux.daemon.client import Client, DaemonError
 from vllm_mux.instance import Instance
 
 CHUNK = 1 << 20
@@ -56,8 +56,12 @@ def test_wake_brings_every_byte_back_at_the_same_address(instance):
             assert torch.equal(t, e)
 
 
-def test_a_wake_that_fails_half_way_ends_asleep_holding_nothing(instance, monkeypatch):
+@pytest.mark.parametrize("piece_chunks", [256, 2], ids=["one piece", "pieces of 2 chunks"])
+def test_a_wake_that_fails_half_way_ends_asleep_holding_nothing(
+    instance, monkeypatch, piece_chunks
+):
     inst, watcher = instance
+    monkeypatch.setattr("vllm_mux.instance.WAKE_PIECE", piece_chunks * CHUNK)
     tensors = weights()
     expected = [t.clone() for t in tensors]
     inst.adopt_weights(tensors)
@@ -83,3 +87,77 @@ def test_a_wake_that_fails_half_way_ends_asleep_holding_nothing(instance, monkey
     for t, e in zip(tensors, expected):
         assert torch.equal(t, e)
     assert held(watcher) == inst.weights.size // CHUNK
+
+
+def test_weights_copied_back_in_pieces_while_mapping(instance, monkeypatch):
+    """The wake maps a piece, starts its copy, maps the next: every byte still
+    comes back, whatever the piece size."""
+    inst, watcher = instance
+    monkeypatch.setattr("vllm_mux.instance.WAKE_PIECE", CHUNK)  # one chunk a piece
+    tensors = weights()
+    expected = [t.clone() for t in tensors]
+    inst.adopt_weights(tensors)
+    copies = []
+    real_copy_in = inst.backend.copy_in
+    monkeypatch.setattr(
+        inst.backend,
+        "copy_in",
+        lambda addr, host: copies.append(host.numel()) or real_copy_in(addr, host),
+    )
+    inst.sleep()
+    inst.wake()
+    assert len(copies) == inst.weights.size // CHUNK and sum(copies) == inst.weights.used
+    for t, e in zip(tensors, expected):
+        assert torch.equal(t, e)
+    assert held(watcher) == inst.weights.size // CHUNK
+
+
+def test_a_second_adopt_moves_nothing_and_refreshes_the_host_copy(instance):
+    """What a weight update does: tensors already in the arena stay where they
+    are, and the host copy takes their new bytes, so a wake restores those."""
+    inst, watcher = instance
+    tensors = weights()
+    inst.adopt_weights(tensors)
+    pointers, used = [t.data_ptr() for t in tensors], inst.weights.used
+    tensors[0].fill_(3.5)  # an update written in place
+    inst.refresh_weights(tensors)
+    assert inst.loaded["moved"] == 0 and inst.weights.used == used
+    assert [t.data_ptr() for t in tensors] == pointers
+    inst.sleep()
+    with pytest.raises(RuntimeError, match="cannot change while asleep"):
+        inst.refresh_weights(tensors)
+    inst.wake()
+    assert bool((tensors[0] == 3.5).all())
+    assert held(watcher) == inst.weights.size // CHUNK
+
+
+def test_an_instance_refuses_a_daemon_on_another_device(tmp_path, monkeypatch):
+    from vllm_mux.memory import cpu
+
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 4, CHUNK)
+    other = cpu.Backend()
+    other.identity = "GPU-00000000-0000-0000-0000-000000000000"  # not the daemon's device
+    monkeypatch.setattr("vllm_mux.instance.make_backend", lambda device: other)
+    try:
+        with pytest.raises(RuntimeError, match="pool is on cpu .* computes on GPU-0000"):
+            Instance(daemon.path, "elsewhere")
+        status = daemon.status()
+        assert_books_balance(status)
+        assert status["free_chunks"] == 4 and status["device_identity"] == "cpu"
+    finally:
+        daemon.stop()
+
+
+def test_the_private_budget_is_on_the_books(tmp_path):
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 4, CHUNK)
+    try:
+        inst = Instance(daemon.path, "budgeted", private_bytes=3 << 30)
+        (me,) = daemon.status()["instances"]
+        assert me["private_bytes"] == 3 << 30
+        inst.client.close()
+        client = Client(daemon.path)
+        with pytest.raises(DaemonError, match="private_bytes is a non-negative integer"):
+            client.call("hello", role="instance", model="m", private_bytes=-1)
+        client.close()
+    finally:
+        daemon.stop()

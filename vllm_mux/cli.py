@@ -41,10 +41,10 @@ def _daemon(args) -> int:
             args.socket,
             wait_timeout=args.wait_timeout,
         )
+        daemon.listen()
     except (ValueError, ImportError, RuntimeError) as e:
         print(f"vllm-mux daemon: {e}", file=sys.stderr)
         return 2
-    daemon.listen()
 
     def stop(signum, frame):
         daemon.shutdown()
@@ -84,9 +84,9 @@ def _status(args) -> int:
         f"device {status['device']}: {_gib(total * size)} in {total} chunks of "
         f"{size / 2**20:g} MiB, {_gib(free * size)} free"
     )
-    header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "MEMORY", "RUN", "WAIT", "WAKES")
-    row = "{:>3}  {:>7}  {:<20} {:<12} {:>6} {:>10} {:>4} {:>4} {:>6}  {:<12} {}"
-    print(row.format(*header, "LAST WAKE", "LAST ACTIVE"))
+    header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "MEMORY", "PRIVATE", "RUN", "WAIT")
+    row = "{:>3}  {:>7}  {:<20} {:<12} {:>6} {:>10} {:>10} {:>4} {:>4} {:>6}  {:<12} {}"
+    print(row.format(*header, "WAKES", "LAST WAKE", "LAST ACTIVE"))
     now = time.time()
     for i in status["instances"]:
         wake = i.get("last_wake") or {}
@@ -100,6 +100,7 @@ def _status(args) -> int:
                 state,
                 i["chunks"],
                 _gib(i["bytes"]),
+                _gib(i["private_bytes"]) if i.get("private_bytes") else "-",
                 i.get("in_flight", 0),
                 i.get("waiting", 0),
                 i["wakes"],

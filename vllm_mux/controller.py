@@ -184,7 +184,8 @@ class Controller:
         sock = self.daemon.sock
         while True:
             try:
-                message, _ = protocol.recv(sock)
+                message, fds = protocol.recv(sock)
+                protocol.close_fds(fds)  # the daemon sends none with a question
             except (OSError, protocol.ProtocolError):
                 message = None
             if message is None:

@@ -35,13 +35,16 @@ WAKE_PIECE = 256 << 20
 
 
 class Instance:
-    def __init__(self, socket_path: str, model: str, key: str = "", device_index=None):
+    def __init__(
+        self, socket_path: str, model: str, key: str = "", device_index=None, private_bytes=0
+    ):
         """``device_index``: the device this process computes on, in its own
         numbering (CUDA_VISIBLE_DEVICES may differ from the daemon's); it must
-        be the daemon's device. None: the daemon's index."""
+        be the daemon's device. None: the daemon's index. ``private_bytes``:
+        its device memory outside the pool, shown by ``vllm-mux status``."""
         # No timeout: a lease may wait while the daemon asks others to sleep.
         self.client = Client(socket_path, timeout=None)
-        hello = self.client.hello(model, key)
+        hello = self.client.hello(model, key, private_bytes)
         self.id = hello["instance"]
         self.chunk_size = hello["chunk_size"]
         kind, _, index = hello["device"].partition(":")

@@ -41,9 +41,11 @@ def instance(worker):
         if isinstance(model, list):
             model = model[0]
         key = os.environ.get("VLLM_MUX_INSTANCE", "")
-        index = getattr(worker, "device", None)
-        index = index.index if getattr(index, "type", "cpu") != "cpu" else None
-        _instance = Instance(os.environ["VLLM_MUX_SOCKET"], str(model), key, index)
+        device = getattr(worker, "device", None)
+        index = device.index if getattr(device, "type", "cpu") != "cpu" else None
+        # The private budget the GPU patch checked at start (its request_memory).
+        private = getattr(worker, "requested_memory", 0) if index is not None else 0
+        _instance = Instance(os.environ["VLLM_MUX_SOCKET"], str(model), key, index, private)
         # Worker.sleep_mode_backend resolves this name lazily, on the first sleep.
         worker.vllm_config.model_config.sleep_mode_backend = SLEEP_MODE_BACKEND
     return _instance

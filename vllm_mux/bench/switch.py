@@ -83,7 +83,6 @@ def switch(args) -> int:
             s.wait_ready()
         for s in servers:
             ttft(s, max_tokens=8)  # warm up
-        client = Client(sock)
 
         # Switching models: each request finds its model asleep and the other
         # one awake in the memory it needs.
@@ -91,6 +90,7 @@ def switch(args) -> int:
 
         awake_ttft = [ttft(mux) for _ in range(args.cycles)]
         sleeps, wakes, after_wake_ttft, inside, plain_copies = [], [], [], [], []
+        client = Client(sock)  # here: a connection must speak within the daemon's hello timeout
         for _ in range(args.cycles):
             sleeps.append(_timed(mux.sleep))
             wakes.append(_timed(mux.wake_up))

@@ -56,10 +56,12 @@ class Client:
             raise DaemonError(reply.get("error", "the daemon refused without a reason"))
         return reply, fds
 
-    def hello(self, model: str, key: str = "") -> dict:
+    def hello(self, model: str, key: str = "", private_bytes: int = 0) -> dict:
         """Register as an instance's worker; the reply names the device and
-        chunk size. ``key`` joins it to its controller."""
-        return self.call("hello", role="instance", model=model, key=key)[0]
+        chunk size. ``key`` joins it to its controller; ``private_bytes`` is the
+        device memory it needs outside the pool, for the books to show."""
+        fields = {"private_bytes": private_bytes} if private_bytes else {}
+        return self.call("hello", role="instance", model=model, key=key, **fields)[0]
 
     def lease(self, chunks: int) -> tuple[list[int], list[int]]:
         """Lease ``chunks`` chunks: their ids and one fd for each."""

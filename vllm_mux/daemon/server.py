@@ -76,6 +76,7 @@ class Instance:
     wakes: int = 0
     sleeps: int = 0
     last_wake: dict = field(default_factory=dict)  # timings the instance measured
+    private_bytes: int = 0  # device memory it needs outside the pool (its budget)
     wake_latency: dict = field(default_factory=_latency)
     sleep_latency: dict = field(default_factory=_latency)
 
@@ -314,12 +315,15 @@ class Daemon:
                     raise ValueError(
                         f"{what} is at most {protocol.MAX_NAME} characters, not {len(text)}"
                     )
+            private = message.get("private_bytes", 0)
+            if type(private) is not int or private < 0:
+                raise ValueError("private_bytes is a non-negative integer")
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError as e:
                 raise ValueError(f"cannot watch process {pid}: {e.strerror}") from None
             with self.lock:
-                me = Instance(self._next_id, pid, model, pidfd, key=key)
+                me = Instance(self._next_id, pid, model, pidfd, key=key, private_bytes=private)
                 self._next_id += 1
                 self.instances[me.id] = me
             log.info("instance %d (pid %d) registered for model %s", me.id, pid, model)
@@ -327,6 +331,7 @@ class Daemon:
                 self._ok(
                     instance=me.id,
                     device=self.device,
+                    device_identity=self.backend.identity,
                     chunk_size=self.pool.chunk_size,
                     total_chunks=self.pool.total,
                 ),
@@ -523,12 +528,14 @@ class Daemon:
                         "wakes": inst.wakes,
                         "sleeps": inst.sleeps,
                         "last_wake": inst.last_wake,
+                        "private_bytes": inst.private_bytes,
                         "wake_latency": inst.wake_latency,
                         "sleep_latency": inst.sleep_latency,
                     }
                 )
             return self._ok(
                 device=self.device,
+                device_identity=self.backend.identity,
                 chunk_size=size,
                 total_chunks=self.pool.total,
                 free_chunks=len(self.pool.free),
