@@ -14,8 +14,9 @@ is shared:
 - the KV cache's size, from the pool rather than the device's free memory;
 - ``sleep`` / ``wake_up`` through vLLM's sleep-mode backend registry: the
   plugin registers ``SleepMode`` as "vllm_mux" and the instance selects it;
-- weight updates: refused while asleep (the arenas are unmapped), and the
-  host copy refreshed after, so a wake never restores stale weights.
+- weight updates and other touches of the weights: refused while asleep (the
+  arenas are unmapped), the host copy refreshed after an update, so a wake
+  never restores stale weights; no sleep in the middle of an update session.
 """
 
 import contextlib
@@ -119,11 +120,34 @@ def kv_cache_budget(worker) -> int:
     return budget
 
 
-def install(cls, upstream) -> None:
-    """Install the shared methods on ``cls``. ``upstream`` maps a method name
-    to the upstream function it wraps (taken before anything was patched)."""
+# Worker methods that read or write the weights (or other device memory):
+# refused while asleep, when nothing is mapped (on CUDA a touch kills the
+# context), and, where they change the weights, followed by a refresh of the
+# host copy so that a wake never restores stale bytes.
+GUARDED = {
+    "reload_weights": True,
+    "reset_weights": True,  # /weight_checker action=reset zeroes them
+    "_start_weight_update": False,
+    "update_weights": False,
+    "finish_weight_update": True,
+    "compute_weight_checksums": False,
+    "save_sharded_state": False,
+    "save_tensorized_model": False,
+}
+
+
+def install(cls) -> None:
+    """Install the shared methods on ``cls`` (CPUWorker, or Worker on CUDA),
+    wrapping the upstream methods it has now."""
+    upstream = {name: getattr(cls, name) for name in ("load_model", *GUARDED)}
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        if self.lora_config is not None:
+            raise ValueError(
+                "vllm-mux: --enable-lora is not supported yet: LoRA slots live beside the "
+                "weights in leased memory, and adapters loaded after start would not "
+                "survive a sleep; run this model without the daemon (unset VLLM_MUX_SOCKET)"
+            )
         upstream["load_model"](self, load_dummy_weights=load_dummy_weights)
         instance(self).adopt_weights(model_tensors(self))
 
@@ -138,6 +162,11 @@ def install(cls, upstream) -> None:
         from vllm_mux.patches import idle_spin
 
         instance(self)
+        if self._weight_update_active:
+            raise RuntimeError(
+                "vllm-mux: not sleeping in the middle of a weight update "
+                "(start_weight_update ... finish_weight_update): finish it first"
+            )
         self.sleep_mode_backend.suspend(level)
         idle_spin.park(True)  # see idle_spin: stop spinning while asleep
 
@@ -148,18 +177,16 @@ def install(cls, upstream) -> None:
         idle_spin.park(False)
         self.sleep_mode_backend.resume(tags)
 
-    def reload_weights(self, *args, **kwargs) -> None:
-        _refuse_while_asleep(self, "reload_weights")
-        upstream["reload_weights"](self, *args, **kwargs)
-        instance(self).refresh_weights(model_tensors(self))
+    def guarded(name: str, refresh: bool):
+        def method(self, *args, **kwargs):
+            _refuse_while_asleep(self, name.lstrip("_"))
+            result = upstream[name](self, *args, **kwargs)
+            if refresh:
+                instance(self).refresh_weights(model_tensors(self))
+            return result
 
-    def _start_weight_update(self, is_draft: bool = False) -> None:
-        _refuse_while_asleep(self, "start_weight_update")
-        upstream["_start_weight_update"](self, is_draft)
-
-    def finish_weight_update(self) -> None:
-        upstream["finish_weight_update"](self)
-        instance(self).refresh_weights(model_tensors(self))
+        method.__name__ = name
+        return method
 
     def mux_tensor_addresses(self) -> dict:
         """Addresses of every weight and KV-cache tensor, for
@@ -178,20 +205,18 @@ def install(cls, upstream) -> None:
 
     def mux_plain_copy(self) -> float:
         """A plain copy of the weights' bytes from the same host buffer, for
-        ``vllm-mux bench`` to set beside the wake it just measured."""
-        return instance(self).plain_copy()
+        ``vllm-mux bench`` to set beside the wake it just measured. Its scratch
+        memory goes back at once: this is reachable through dev mode."""
+        import torch
 
-    for fn in (
-        load_model,
-        _maybe_get_memory_pool_context,
-        sleep,
-        wake_up,
-        reload_weights,
-        _start_weight_update,
-        finish_weight_update,
-        mux_tensor_addresses,
-        mux_plain_copy,
-    ):
+        seconds = instance(self).plain_copy()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return seconds
+
+    methods = [load_model, _maybe_get_memory_pool_context, sleep, wake_up]
+    methods += [guarded(name, refresh) for name, refresh in GUARDED.items()]
+    for fn in (*methods, mux_tensor_addresses, mux_plain_copy):
         setattr(cls, fn.__name__, fn)
 
 

@@ -19,8 +19,9 @@ in ``vllm_mux.worker``, installed here; this file keeps what differs on CPU):
   does on GPU, which resolves our "vllm_mux" backend. The engine core pauses
   scheduling and resets the prefix cache around these calls, as upstream does
   for every platform.
-- ``reload_weights``, ``_start_weight_update``, ``finish_weight_update`` (from
-  ``Worker``): refused while asleep; the host copy refreshed after.
+- the methods that touch the weights (``vllm_mux.worker.GUARDED``, from
+  ``Worker``): refused while asleep, the host copy refreshed after an update;
+  ``--enable-lora`` refused at load.
 Upstream: once ``CPUWorker`` dispatches sleep to the backend registry (RFC
 vllm#34303) and CPU model runners take an allocation context for weights,
 this patch shrinks to the KV-cache size.
@@ -38,6 +39,11 @@ TARGETS = {
     "vllm.v1.worker.gpu_worker.Worker.reload_weights": "2a950f95ebd5d37b",
     "vllm.v1.worker.gpu_worker.Worker._start_weight_update": "84cf0a02567c0eb8",
     "vllm.v1.worker.gpu_worker.Worker.finish_weight_update": "817e2efd3c4b6797",
+    "vllm.v1.worker.gpu_worker.Worker.update_weights": "a7103b1a7759efe5",
+    "vllm.v1.worker.gpu_worker.Worker.reset_weights": "64bdb53418d9f1bb",
+    "vllm.v1.worker.gpu_worker.Worker.compute_weight_checksums": "7872b35e1b34766c",
+    "vllm.v1.worker.gpu_worker.Worker.save_sharded_state": "f4dd7adac12e64fd",
+    "vllm.v1.worker.gpu_worker.Worker.save_tensorized_model": "4cfc3c36a706e6ad",
     "vllm.v1.worker.utils.allocate_kv_cache": "b1f3e24311485a09",
     "vllm.v1.worker.cpu_worker.CPUWorker.determine_available_memory": "6307aefccd79f744",
     "vllm.v1.worker.cpu_worker.CPUWorker.sleep": "3f7858b3950b54cf",
@@ -56,6 +62,5 @@ def apply() -> None:
 
     from vllm_mux import worker
 
-    names = ("load_model", "reload_weights", "_start_weight_update", "finish_weight_update")
-    worker.install(CPUWorker, {name: getattr(CPUWorker, name) for name in names})
+    worker.install(CPUWorker)
     CPUWorker.determine_available_memory = worker.kv_cache_budget

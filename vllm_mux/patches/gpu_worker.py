@@ -31,8 +31,11 @@ Targets, on ``vllm.v1.worker.gpu_worker.Worker`` (the shared methods are in
   the daemon, so a sleep frees nothing device-wide, and another instance may
   allocate meanwhile. Level 2's buffer saving is not needed: buffers live in
   the weights arena and come back from the host copy.
-- ``reload_weights``, ``_start_weight_update``, ``finish_weight_update``:
-  refused while asleep; the host copy refreshed after.
+- the methods that touch the weights (``vllm_mux.worker.GUARDED``:
+  ``reload_weights``, ``reset_weights``, the weight-transfer session,
+  checksums, saving): refused while asleep, the host copy refreshed after an
+  update; ``sleep`` refused during a weight-transfer session; ``load_model``
+  refuses ``--enable-lora`` (adapters loaded later would not survive a sleep).
 Upstream: the registry (RFC vllm#34303) covers sleep and wake; a sleep-mode
 backend hook for the weights/KV allocation context and for memory accounting
 (instead of device-wide free memory) would let this file shrink to nothing.
@@ -59,6 +62,11 @@ TARGETS = {
     "vllm.v1.worker.gpu_worker.Worker.reload_weights": "2a950f95ebd5d37b",
     "vllm.v1.worker.gpu_worker.Worker._start_weight_update": "84cf0a02567c0eb8",
     "vllm.v1.worker.gpu_worker.Worker.finish_weight_update": "817e2efd3c4b6797",
+    "vllm.v1.worker.gpu_worker.Worker.update_weights": "a7103b1a7759efe5",
+    "vllm.v1.worker.gpu_worker.Worker.reset_weights": "64bdb53418d9f1bb",
+    "vllm.v1.worker.gpu_worker.Worker.compute_weight_checksums": "7872b35e1b34766c",
+    "vllm.v1.worker.gpu_worker.Worker.save_sharded_state": "f4dd7adac12e64fd",
+    "vllm.v1.worker.gpu_worker.Worker.save_tensorized_model": "4cfc3c36a706e6ad",
     "vllm.v1.worker.utils.request_memory": "e004ea68b5e96869",
     "vllm.v1.worker.utils.allocate_kv_cache": "b1f3e24311485a09",
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.initialize_kv_cache_tensors": "81dd948e771ce8a5",  # noqa: E501
@@ -66,6 +74,8 @@ TARGETS = {
     "vllm.v1.engine.core.EngineCore.sleep": "f08683c8b249ae7b",
     "vllm.device_allocator.sleep_mode_backend.SleepModeBackendFactory": "8ce0e2b60c9eb67e",
     "vllm.device_allocator.sleep_mode_backend.SleepModeBackend": "ddd6cade32789d89",
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.load_model": "9508e8f41530563d",
+    "vllm.compilation.cudagraph_pool.capture_pool": "0b9fdf1b348faa37",
     "vllm.config.vllm.VllmConfig.use_cumem_cudagraph_pool.fget": "b5f29831d73778f2",
 }
 
@@ -114,8 +124,7 @@ def apply() -> None:
 
     from vllm_mux import worker
 
-    names = ("load_model", "reload_weights", "_start_weight_update", "finish_weight_update")
-    worker.install(Worker, {name: getattr(Worker, name) for name in names})
+    worker.install(Worker)
     gpu_worker.request_memory = request_memory
 
     @torch.inference_mode()
