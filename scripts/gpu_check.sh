@@ -18,9 +18,10 @@ if [ "${1:-}" = wheels ]; then
     exit 0
 fi
 if ! "$PY" -c 'import msgspec' 2>/dev/null; then
+    site=$(mktemp -d)  # private: a directory on PYTHONPATH must be no one else's
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/vllm-mux-site .whl/*.whl
-    export PYTHONPATH=/tmp/vllm-mux-site${PYTHONPATH:+:$PYTHONPATH}
+        --target "$site" .whl/*.whl
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

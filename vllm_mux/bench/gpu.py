@@ -13,9 +13,10 @@ torch and cuda-bindings) it proves, in a few minutes:
    another process overwriting every freed chunk between them, and after
    every wake the weights equal the loaded bytes, every data pointer is the
    same and the graph's greedy tokens are the same;
-3. a wake of ``--wake-bytes`` (16.4 GB: Qwen3-8B in bf16) through leased
-   chunks against a plain pinned host-to-device copy of the same bytes, in
-   the same process, for each ``--chunk-sizes``; sleep time; map time per GiB;
+3. a wake of ``--wake-bytes`` (16.4 GB: Qwen3-8B in bf16) with a KV cache of
+   ``--kv-bytes`` through leased chunks against a plain pinned host-to-device
+   copy of the same weights, in the same process, for each ``--chunk-sizes``;
+   sleep time (weights and KV cache unmapped); map time per GiB;
 4. the device memory a sleeping instance and the daemon still hold.
 
 On CPU (``--device cpu``, small sizes, no graph) the same code runs in CI so
@@ -49,11 +50,15 @@ MAX_LEN = 64
 # -- the model: plain torch, graph-capturable (no host syncs, static shapes) --
 
 
-def build_model(size: str, device: str, dtype):
+def build_model(size: str, device: str, dtype, via=None):
+    """The model, initialised in ``via`` (a wider dtype) and then converted to
+    ``dtype`` when given: what loading a checkpoint of another precision does,
+    freeing the wide copies as it goes."""
     import torch
     from torch import nn
 
     hidden, layers, heads, inter, vocab = SIZES[size]
+    final, dtype = dtype, via or dtype  # the classes below are made in ``dtype``
 
     class Block(nn.Module):
         def __init__(self):
@@ -93,7 +98,10 @@ def build_model(size: str, device: str, dtype):
             return self.head(_rms(x, self.norm)).argmax(-1)
 
     torch.manual_seed(0)
-    return Llama(), (layers, 2, MAX_LEN, heads, hidden // heads)
+    model = Llama()
+    for block in model.blocks:  # one layer at a time, as a loader converts
+        block.to(final)
+    return model.to(final), (layers, 2, MAX_LEN, heads, hidden // heads)
 
 
 def _rms(x, weight):
@@ -218,8 +226,8 @@ def phase_model(args) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     inst = Instance(args.socket, "kit-llama")
     started = time.perf_counter()
-    with inst.loading():
-        model, kv_shape = build_model(args.size, device, dtype)
+    with inst.loading():  # made in float32 and converted, as a bf16 load of an fp32 file
+        model, kv_shape = build_model(args.size, device, dtype, torch.float32 if cuda else None)
     inst.adopt_weights([*model.parameters(), *model.buffers()])
     load_s = time.perf_counter() - started
     with inst.allocations():
@@ -294,6 +302,8 @@ def phase_wake(args) -> dict:
         for t in tensors:
             t.random_(0, 256)
     inst.adopt_weights(tensors)
+    with inst.allocations():  # a KV cache: unmapped by every sleep, mapped by every wake
+        kv = torch.zeros(args.kv_bytes, dtype=torch.uint8, device=device)
     rounds = []
     for _ in range(args.rounds):
         sleep_s = inst.sleep()
@@ -306,6 +316,7 @@ def phase_wake(args) -> dict:
     nbytes = inst.loaded["arena_bytes"]
     return {
         "bytes": nbytes,
+        "kv_bytes": kv.numel(),
         "chunk_size": inst.chunk_size,
         "rounds": args.rounds,
         "sleep_ms": med["sleep"] * 1e3,
@@ -410,7 +421,8 @@ def orchestrate(args) -> int:
         (out / "backend_tests.log").write_text(tests.stdout + tests.stderr)
 
     for i, chunk in enumerate(args.chunk_sizes):
-        pool = -(-(args.wake_bytes + 2 * args.chunk_sizes[-1]) // chunk) * chunk
+        need = args.wake_bytes + args.kv_bytes + 2 * max(args.chunk_sizes)
+        pool = -(-need // chunk) * chunk
         daemon = _Daemon(args, pool, chunk, out / f"daemon-{chunk >> 20}MiB.log")
         try:
             if i == 0:
@@ -425,7 +437,8 @@ def orchestrate(args) -> int:
                 _phase(
                     "wake",
                     args,
-                    ["--wake-bytes", str(args.wake_bytes), "--rounds", str(args.rounds)],
+                    ["--wake-bytes", str(args.wake_bytes), "--kv-bytes", str(args.kv_bytes)]
+                    + ["--rounds", str(args.rounds)],
                 )
             )
         finally:
@@ -522,11 +535,12 @@ def _markdown(r: dict) -> str:
             lines.append(f"| wake | ERROR {w['error']}: {w['stderr_tail'][-300:]!r} |")
             continue
         lines += [
-            f"| wake of {w['bytes'] / 1e9:.2f} GB, chunk {w['chunk_size'] >> 20} MiB: "
+            f"| wake of {w['bytes'] / 1e9:.2f} GB (+ {w['kv_bytes'] / 2**30:.2f} GiB of KV "
+            f"mapped), chunk {w['chunk_size'] >> 20} MiB: "
             f"wake / plain copy ms | {w['wake_ms']:.1f} / {w['plain_copy_ms']:.1f} "
             f"(ratio {w['wake_vs_plain_copy']:.3f}; {w['wake_gbps']:.1f} vs "
             f"{w['plain_copy_gbps']:.1f} GB/s) |",
-            f"| sleep ms, map ms per GiB (chunk {w['chunk_size'] >> 20} MiB) | "
+            f"| sleep ms (weights and KV), map ms per GiB (chunk {w['chunk_size'] >> 20} MiB) | "
             f"{w['sleep_ms']:.2f}, {w['map_ms_per_gib']:.2f} |",
         ]
     lines += ["", f"goals: `{json.dumps(r['verdict']['goals'])}`", f"took {r['seconds']:.0f} s", ""]
@@ -550,6 +564,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=sorted(SIZES), default=None, help="model size")
     p.add_argument("--cycles", type=int, default=50)
     p.add_argument("--wake-bytes", type=_size, default=None, help="default 16.4 GB (cpu: 64 MiB)")
+    p.add_argument("--kv-bytes", type=_size, default=None, help="default 8 GiB (cpu: 16 MiB)")
     p.add_argument("--chunk-sizes", type=_size, nargs="+", default=None)
     p.add_argument("--rounds", type=int, default=5, help="wakes timed per chunk size")
     p.add_argument("--phase-timeout", type=float, default=300)
@@ -560,6 +575,7 @@ def run(args) -> int:
     cuda = args.device.startswith("cuda")
     args.size = args.size or ("full" if cuda else "small")
     args.wake_bytes = args.wake_bytes or (16_400_000_000 if cuda else 64 << 20)
+    args.kv_bytes = args.kv_bytes or ((8 << 30) if cuda else 16 << 20)
     args.chunk_sizes = args.chunk_sizes or ([32 << 20, 256 << 20] if cuda else [2 << 20])
     return orchestrate(args)
 
@@ -575,6 +591,7 @@ def main() -> int:
         p.add_argument("--role", choices=("write", "read"))
         p.add_argument("--cycles", type=int, default=50)
         p.add_argument("--wake-bytes", type=int, default=64 << 20)
+        p.add_argument("--kv-bytes", type=int, default=16 << 20)
         p.add_argument("--rounds", type=int, default=5)
     add_arguments(parser)
     args = parser.parse_args()
