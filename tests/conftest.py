@@ -73,12 +73,19 @@ class Daemon:
 class LiveDaemon:
     """A Daemon served from a thread of this process."""
 
-    def __init__(self, path: str, chunks: int, chunk_size: int, wait_timeout: float = 0.5):
+    def __init__(
+        self, path: str, chunks: int, chunk_size: int, wait_timeout: float = 0.5, backend=None
+    ):
         self.path = path
         # A lease that does not fit waits for holders to sleep; where nobody
         # can be asked, the wait is kept short.
         self.daemon = InProcessDaemon(
-            Backend(), "cpu", chunks * chunk_size, chunk_size, path, wait_timeout=wait_timeout
+            backend or Backend(),
+            "cpu",
+            chunks * chunk_size,
+            chunk_size,
+            path,
+            wait_timeout=wait_timeout,
         )
         self.daemon.listen()
         self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)

@@ -1,11 +1,14 @@
-"""The controller's states under cancellation, with a fake engine and a real daemon."""
+"""The controller's states under cancellation, with a fake engine and a real daemon;
+its daemon restarting, or gone for good."""
 
 import asyncio
+import time
 
 import pytest
 
 from conftest import LiveDaemon, assert_books_balance
 from vllm_mux.controller import Controller, WakeError
+from vllm_mux.daemon.client import Client
 
 
 @pytest.fixture
@@ -98,3 +101,63 @@ def test_a_drain_waits_for_requests_in_flight(daemon_socket):
         assert calls == {"wake": 1, "sleep": 1} and controller.state == "awake"
 
     asyncio.run(main())
+
+
+def test_the_controller_reconnects_to_a_restarted_daemon(daemon_factory):
+    """The daemon dies: the controller keeps its server up and joins the daemon
+    started next on the same socket, once its worker is known there again."""
+    first = daemon_factory("4MiB", args=["--chunk-size", "1MiB"])
+    worker = Client(first.socket)
+    worker.hello("fake", key="k")
+    lost = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        Controller(
+            first.socket, "k", None, None, 0, pinned=True, loop=loop, on_lost=lambda: lost.append(1)
+        )
+        first.process.proc.kill()
+        first.process.proc.wait()
+        second = LiveDaemon(first.socket, 4, 1 << 20)
+        try:
+            again = Client(first.socket)
+            again.hello("fake", key="k")  # the worker, reconnected
+
+            def joined():
+                rows = second.status()["instances"]
+                return rows and rows[0]["pinned"]  # the controller said hello again
+
+            assert await asyncio.to_thread(wait_for, joined)
+            assert lost == []
+            assert_books_balance(second.status())
+            again.close()
+        finally:
+            second.stop()
+
+    asyncio.run(main())
+    worker.close()
+
+
+def test_the_controller_stops_the_server_when_the_daemon_stays_away(daemon_factory, monkeypatch):
+    monkeypatch.setenv("VLLM_MUX_RECONNECT_S", "0.5")
+    daemon = daemon_factory("4MiB", args=["--chunk-size", "1MiB"])
+    worker = Client(daemon.socket)
+    worker.hello("fake", key="k")
+    lost = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        Controller(daemon.socket, "k", None, None, 0, False, loop, on_lost=lambda: lost.append(1))
+        daemon.process.proc.kill()
+        assert await asyncio.to_thread(wait_for, lambda: lost)
+
+    asyncio.run(main())
+    worker.close()
+
+
+def wait_for(predicate, timeout: float = 120.0):
+    """``predicate()``'s first true value; the timeout only bounds a failure."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value

@@ -13,8 +13,11 @@ that sees the requests:
   requests wake it again once the daemon can grant memory.
 
 It knows asyncio, the daemon's socket and an engine's ``sleep``/``wake_up``
-coroutines, not vLLM. If the daemon goes away the instance's memory is no
-longer accounted for, so the controller stops the server rather than go on.
+coroutines, not vLLM. If the daemon goes away (a crash, an upgrade) the
+controller reconnects, trying for RECONNECT_S (client.py), and the server
+serves on meanwhile; a request that needs a wake waits for the daemon or
+fails with 503 (see instance.py). Only a daemon that stays away longer stops
+the server: the instance's memory would go unaccounted for ever after.
 """
 
 import asyncio
@@ -27,7 +30,7 @@ import time
 from contextlib import asynccontextmanager
 
 from vllm_mux.daemon import protocol
-from vllm_mux.daemon.client import Client
+from vllm_mux.daemon.client import Client, DaemonError, reconnect, reconnect_seconds
 
 log = logging.getLogger("vllm_mux.controller")
 
@@ -50,8 +53,9 @@ class Controller:
         self.failed_wakes = 0
         self.last_active = time.time()
         self.changed = asyncio.Condition()
+        self.key, self.reconnect_s = key, reconnect_seconds()
         self.daemon = Client(socket_path, timeout=None)
-        self.daemon.call("hello", role="controller", key=key, pinned=pinned, idle_ttl=idle_ttl)
+        self._hello(self.daemon)
         threading.Thread(target=self._answer_daemon, name="vllm-mux", daemon=True).start()
         self._ttl_task = loop.create_task(self._sleep_when_idle())
 
@@ -179,9 +183,30 @@ class Controller:
             "last_active": self.last_active,
         }
 
+    def _hello(self, client: Client) -> None:
+        client.call(
+            "hello", role="controller", key=self.key, pinned=self.pinned, idle_ttl=self.idle_ttl
+        )
+
     def _answer_daemon(self) -> None:
-        """Answer the daemon's questions at once; a sleep runs on the loop."""
-        sock = self.daemon.sock
+        """Answer the daemon's questions; when it goes away, reconnect (the
+        daemon may know the instance again only once its worker has)."""
+        while True:
+            self._answer(self.daemon.sock)
+            self.daemon.close()
+            log.warning(
+                "lost the vllm-mux daemon at %s; serving on and reconnecting",
+                self.daemon.socket_path,
+            )
+            try:
+                self.daemon = reconnect(self.daemon.socket_path, self._hello, self.reconnect_s)
+            except DaemonError as e:
+                return self._daemon_lost(e)
+            log.warning("reconnected to the vllm-mux daemon at %s", self.daemon.socket_path)
+
+    def _answer(self, sock) -> None:
+        """Answer the daemon's questions at once, until the connection breaks;
+        a sleep runs on the loop."""
         while True:
             try:
                 message, fds = protocol.recv(sock)
@@ -189,7 +214,7 @@ class Controller:
             except (OSError, protocol.ProtocolError):
                 message = None
             if message is None:
-                return self._daemon_lost()
+                return
             op = message.get("op")
             if op == "report":
                 reply = self.report()
@@ -203,12 +228,12 @@ class Controller:
             try:
                 protocol.send(sock, {**reply, "seq": message.get("seq")})
             except OSError:
-                return self._daemon_lost()
+                return
 
-    def _daemon_lost(self) -> None:
+    def _daemon_lost(self, error: DaemonError) -> None:
         log.critical(
-            "lost the vllm-mux daemon at %s: this instance's memory is no longer accounted "
-            "for; stopping the server",
-            self.daemon.socket_path,
+            "lost the vllm-mux daemon for good: %s; this instance's memory is no longer "
+            "accounted for; stopping the server",
+            error,
         )
         self._on_lost()

@@ -10,18 +10,41 @@ refreshes it (``refresh_weights``). So sleep copies nothing (unmap, hand the
 chunks back) and wake is lease, map, copy from the host in large pieces, each
 piece's copy running while the next one is mapped.
 
+The instance outlives its daemon. A thread watches the connection; when it
+breaks (the daemon crashed, or was stopped for an upgrade) it reconnects,
+trying for RECONNECT_S (client.py), and says hello again with the chunks the
+instance still holds, one fd each, for the new daemon's books (see
+daemon/server.py). Meanwhile an awake instance serves on: computing needs no
+daemon. A sleep goes ahead (it unmaps and lets the chunks go; the next hello
+names only what is still held). Only a lease needs the daemon: it waits for
+it up to GAP_WAIT_S, then fails, and the wake that needed it answers 503 with
+Retry-After. An instance that cannot reconnect in RECONNECT_S fails every
+lease from then on, and its controller stops the server.
+
 This module knows torch and the daemon, not vLLM: the patches hand it the
 model's tensors and run vLLM's KV-cache allocation inside ``allocations()``.
 """
 
 import contextlib
 import logging
+import os
+import select
+import socket
+import threading
 import time
+import uuid
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vllm_mux.daemon.client import Client
+from vllm_mux.daemon import protocol
+from vllm_mux.daemon.client import (
+    Client,
+    DaemonError,
+    Disconnected,
+    reconnect,
+    reconnect_seconds,
+)
 from vllm_mux.memory import backend as make_backend
 from vllm_mux.memory.arena import Arena
 from vllm_mux.memory.heap import Heap
@@ -33,6 +56,11 @@ log = logging.getLogger("vllm_mux.instance")
 # copy starts after a few map calls (8 of the default chunks).
 WAKE_PIECE = 256 << 20
 
+# Seconds a lease waits for a daemon that went away to come back: a restart
+# takes seconds (serve's first backoff is 1 s); a wake that waited longer
+# than this answers 503 with Retry-After, and the next request tries again.
+GAP_WAIT_S = 60.0
+
 
 class Instance:
     def __init__(
@@ -41,10 +69,15 @@ class Instance:
         """``device_index``: the device this process computes on, in its own
         numbering (CUDA_VISIBLE_DEVICES may differ from the daemon's); it must
         be the daemon's device. None: the daemon's index. ``private_bytes``:
-        its device memory outside the pool, shown by ``vllm-mux status``."""
+        its device memory outside the pool, shown by ``vllm-mux status``.
+        ``key`` joins it to its controller and names it when it reconnects
+        (one is made up if none is given)."""
+        self.socket_path, self.model, self.private_bytes = socket_path, model, private_bytes
+        self.key = key or uuid.uuid4().hex
+        self.reconnect_s = reconnect_seconds()
         # No timeout: a lease may wait while the daemon asks others to sleep.
         self.client = Client(socket_path, timeout=None)
-        hello = self.client.hello(model, key, private_bytes)
+        hello = self.client.hello(model, self.key, private_bytes)
         self.id = hello["instance"]
         self.chunk_size = hello["chunk_size"]
         kind, _, index = hello["device"].partition(":")
@@ -69,17 +102,23 @@ class Instance:
         self._allocating = None  # the device's allocation context: owns its pool
         self.loaded: dict = {}  # what loading left behind, for the proof kit
         self.last_wake: dict = {}
+        self.state = "starting"  # as told to the daemon, or to tell it on reconnecting
+        self.lost = ""  # why the daemon is gone for good, once it is
+        self._up = True  # connected and registered
+        # The client, the arenas and the leases: calls and the watcher take turns.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        threading.Thread(target=self._watch, name="vllm-mux-daemon", daemon=True).start()
 
     # -- placing memory --
 
     def _grow(self, arena: Arena, chunks: int) -> None:
         if chunks:
-            self._map(arena, *self.client.lease(chunks))
-
-    def _map(self, arena: Arena, ids: list[int], fds: list[int]) -> None:
-        # Ours on the books from now on, mapped or not: _release_all returns them.
-        self.leases[id(arena)] += ids
-        arena.map([self.backend.import_(fd, self.chunk_size) for fd in fds])
+            with self._lock:
+                ids, fds = self._lease(chunks)
+                # Ours on the books from now on, mapped or not: _release_all returns them.
+                self.leases[id(arena)] += ids
+                arena.map([self.backend.import_(fd, self.chunk_size) for fd in fds])
 
     @contextlib.contextmanager
     def loading(self):
@@ -137,7 +176,7 @@ class Instance:
             "arena_bytes": self.weights.used,
             "heap_hole_bytes": self.heap.hole_bytes if self.heap else 0,
         }
-        self.client.set_state("awake")
+        self._set_state("awake")
         log.info(
             "%d tensors (%d moved in), %d bytes of weights in %d bytes of leased memory",
             len(tensors),
@@ -189,11 +228,11 @@ class Instance:
         if self.asleep:
             return 0.0
         start = time.perf_counter()
-        self.client.set_state("sleeping")
+        self._set_state("sleeping")
         self.asleep = True  # from the first unmap on: a wake must map again
         self._release_all()
         seconds = time.perf_counter() - start
-        self.client.set_state("asleep", sleep={"seconds": seconds})
+        self._set_state("asleep", sleep={"seconds": seconds})
         return seconds
 
     def wake(self) -> float:
@@ -201,34 +240,35 @@ class Instance:
         if not self.asleep:
             return 0.0
         start = time.perf_counter()
-        self.client.set_state("waking")
-        try:
-            # One lease for both arenas: two could each hold half of what
-            # two waking instances need and wait on each other.
-            n = self.weights.size // self.chunk_size
-            ids, fds = self.client.lease(n + self.kv_cache.size // self.chunk_size)
-            self.leases[id(self.weights)] += ids[:n]  # ours on the books, mapped or not
-            self.leases[id(self.kv_cache)] += ids[n:]
-            chunks = [self.backend.import_(fd, self.chunk_size) for fd in fds]
-            map_seconds = self._map_and_copy(chunks[:n], chunks[n:])
-            self.kv_cache.map(chunks[n:])
-            copying = time.perf_counter()
-            self.backend.synchronize()
-        except BaseException:
-            with contextlib.suppress(Exception):  # the first error is the one to tell
-                self._release_all()  # end asleep, holding nothing
-                self.client.set_state("asleep")
-            raise
-        done = time.perf_counter()
-        self.asleep = False
-        facts = {
-            "seconds": done - start,
-            "map_seconds": map_seconds,
-            "copy_wait_seconds": done - copying,
-            "bytes": self.weights.used,
-        }
-        self.last_wake = facts
-        self.client.set_state("awake", wake=facts)
+        with self._lock:  # the watcher's hello names what is mapped: not half of it
+            self._set_state("waking")
+            try:
+                # One lease for both arenas: two could each hold half of what
+                # two waking instances need and wait on each other.
+                n = self.weights.size // self.chunk_size
+                ids, fds = self._lease(n + self.kv_cache.size // self.chunk_size)
+                self.leases[id(self.weights)] += ids[:n]  # ours on the books, mapped or not
+                self.leases[id(self.kv_cache)] += ids[n:]
+                chunks = [self.backend.import_(fd, self.chunk_size) for fd in fds]
+                map_seconds = self._map_and_copy(chunks[:n], chunks[n:])
+                self.kv_cache.map(chunks[n:])
+                copying = time.perf_counter()
+                self.backend.synchronize()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the first error is the one to tell
+                    self._release_all()  # end asleep, holding nothing
+                    self._set_state("asleep")
+                raise
+            done = time.perf_counter()
+            self.asleep = False
+            facts = {
+                "seconds": done - start,
+                "map_seconds": map_seconds,
+                "copy_wait_seconds": done - copying,
+                "bytes": self.weights.used,
+            }
+            self.last_wake = facts
+            self._set_state("awake", wake=facts)
         return done - start
 
     def _map_and_copy(self, chunks: list, rest: list) -> float:
@@ -255,15 +295,128 @@ class Instance:
 
     def _release_all(self) -> None:
         """Unmap everything, then hand it all back in one message: the instance
-        that waits for these chunks starts its wake only once we are done."""
-        ids = []
-        for arena in (self.weights, self.kv_cache):
-            arena.unmap()
-            ids += self.leases[id(arena)]
-        if ids:
-            self.client.release(ids)  # if this fails, the ids stay ours to release
-        for arena in (self.weights, self.kv_cache):
-            self.leases[id(arena)] = []
+        that waits for these chunks starts its wake only once we are done.
+        While the daemon is away they go all the same: the hello that
+        reconnects names only the chunks still held."""
+        with self._lock:
+            ids = []
+            for arena in (self.weights, self.kv_cache):
+                arena.unmap()
+                ids += self.leases[id(arena)]
+            if ids and self._up:
+                try:
+                    self.client.release(ids)  # if refused, the ids stay ours to release
+                except Disconnected:
+                    self._hang_up()
+            for arena in (self.weights, self.kv_cache):
+                self.leases[id(arena)] = []
+
+    # -- the daemon, which may go away and come back --
+
+    def _lease(self, chunks: int) -> tuple[list[int], list[int]]:
+        """Ids and fds of ``chunks`` new chunks. While the daemon is away, wait
+        for it to come back, up to GAP_WAIT_S."""
+        since = None
+        with self._lock:
+            while True:
+                if self._up:
+                    try:
+                        return self.client.lease(chunks)
+                    except Disconnected:
+                        self._hang_up()
+                if self.lost:
+                    raise DaemonError(self.lost)
+                since = time.monotonic() if since is None else since
+                left = since + GAP_WAIT_S - time.monotonic()
+                if left <= 0:
+                    raise DaemonError(
+                        f"vllm-mux: the daemon at {self.socket_path} went away and has not "
+                        f"come back in {GAP_WAIT_S:g} s; try again later"
+                    )
+                self._changed.wait(left)
+
+    def _set_state(self, state: str, **facts) -> None:
+        """Tell the daemon; while it is away, the hello that reconnects does."""
+        with self._lock:
+            self.state = state
+            if self._up:
+                try:
+                    self.client.set_state(state, **facts)
+                except Disconnected:
+                    self._hang_up()
+
+    def _hang_up(self) -> None:
+        """A call found the connection broken: shut it down, which wakes the
+        watcher, which reconnects. Closing it is the watcher's."""
+        self._up = False
+        with contextlib.suppress(OSError):
+            self.client.sock.shutdown(socket.SHUT_RDWR)
+
+    def _watch(self) -> None:
+        """Reconnect whenever the connection breaks, until its owner closes it
+        (``self.client.close()``) or the daemon has been away RECONNECT_S."""
+        while True:
+            with self._lock:
+                client = self.client
+                if client.closed:
+                    return
+                # A descriptor of our own: nobody can close it, or reuse its number.
+                fd = os.dup(client.sock.fileno())
+            try:
+                _wait_for_hangup(fd)
+            finally:
+                os.close(fd)
+            with self._lock:
+                if client.closed:
+                    return  # closed by its owner, not lost
+                self._up = False
+            client.close()
+            log.warning(
+                "lost the vllm-mux daemon at %s; serving on and reconnecting", self.socket_path
+            )
+            try:
+                reconnect(self.socket_path, self._rejoin, self.reconnect_s)
+            except DaemonError as e:
+                with self._lock:
+                    self.lost = f"vllm-mux: {e}"
+                    self._changed.notify_all()
+                log.critical("%s: leases fail from now on", self.lost)
+                return
+
+    def _rejoin(self, client: Client) -> None:
+        """Say hello on a new connection with the chunks still held (those
+        mapped; any others were let go while the daemon was away), one fd
+        each, and make it this instance's connection."""
+        with self._lock:
+            arenas = (self.weights, self.kv_cache)
+            held = [(i, c) for a in arenas for i, c in zip(self.leases[id(a)], a.chunks)]
+            fds = []
+            try:
+                for _, chunk in held:
+                    fds.append(self.backend.share(chunk))
+                ids = [i for i, _ in held]
+                reply = client.hello(self.model, self.key, self.private_bytes, self.state, ids, fds)
+            except OSError as e:
+                raise DaemonError(f"cannot hand our chunks to the daemon: {e}") from None
+            finally:
+                protocol.close_fds(fds)
+            theirs = (reply["chunk_size"], reply.get("device_identity"))
+            if theirs != (self.chunk_size, self.backend.identity):
+                raise DaemonError(
+                    f"the daemon now at {self.socket_path} has chunks of {theirs[0]} bytes on "
+                    f"{theirs[1]}; this instance uses {self.chunk_size} on "
+                    f"{self.backend.identity}: it cannot join that pool"
+                )
+            for a in arenas:
+                self.leases[id(a)] = self.leases[id(a)][: len(a.chunks)]
+            self.id = reply["instance"]
+            self.client, self._up = client, True
+            self._changed.notify_all()
+        log.warning(
+            "reconnected to the vllm-mux daemon at %s, holding %d chunks",
+            self.socket_path,
+            len(held),
+        )
 
 
 class _ArenaAllocations(TorchDispatchMode):
@@ -287,6 +440,14 @@ class _ArenaAllocations(TorchDispatchMode):
         if func is torch.ops.aten.zeros.default:
             tensor.zero_()
         return tensor
+
+
+def _wait_for_hangup(fd: int) -> None:
+    """Until the connection on ``fd`` hangs up: the daemon's end closed, or
+    ours was shut down. A reply to a call does not wake it (no POLLIN)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLRDHUP)
+    poller.poll()
 
 
 def _unique(tensors):

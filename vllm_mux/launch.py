@@ -81,12 +81,22 @@ def start_daemon(
     argv += ["--device-memory", device_memory, "--socket", socket_path, *args]
     daemon = Process(argv, log)
     deadline = time.monotonic() + 300  # a busy machine imports slowly
-    while not os.path.exists(socket_path):
+    while not _listening(socket_path):
         if not daemon.alive() or time.monotonic() > deadline:
             daemon.stop()
             raise RuntimeError(f"the daemon did not start:\n{daemon.log()}")
         time.sleep(0.05)
     return daemon
+
+
+def _listening(socket_path: str) -> bool:
+    """Whether a daemon listens there: the path alone may be a dead one's socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        try:
+            probe.connect(socket_path)
+        except OSError:
+            return False
+    return True
 
 
 def cpu_binds(count: int, cores: list[int] | None = None) -> list[str]:

@@ -1,19 +1,48 @@
-"""The client side of the daemon's socket, for instances and for `status`."""
+"""The client side of the daemon's socket, for instances and for `status`.
+
+An instance outlives its daemon: when the daemon dies (a crash) or is stopped
+(an upgrade), the instance's connections break, and ``reconnect`` tries again
+until a daemon answers on the same socket, for RECONNECT_S seconds; only then
+does the instance give up and stop (see instance.py and controller.py).
+"""
 
 import os
 import socket
 import threading
+import time
 
 from vllm_mux.daemon import protocol
+
+# Seconds an instance tries to reach its daemon again before it stops:
+# long enough for a restart, an upgrade or serve's backoff; $VLLM_MUX_RECONNECT_S.
+RECONNECT_S = 600.0
 
 
 class DaemonError(RuntimeError):
     """The daemon refused a request, or cannot be reached."""
 
 
+class Disconnected(DaemonError):
+    """The connection to the daemon broke: the daemon may come back."""
+
+
+def reconnect_seconds() -> float:
+    """RECONNECT_S, or $VLLM_MUX_RECONNECT_S: read once, when an instance starts,
+    so that a bad value stops it there, not when the daemon goes away."""
+    text = os.environ.get("VLLM_MUX_RECONNECT_S", "")
+    try:
+        seconds = float(text) if text else RECONNECT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"VLLM_MUX_RECONNECT_S is a number of seconds, not {text!r}")
+    return seconds
+
+
 class Client:
     def __init__(self, socket_path: str, timeout: float | None = 30.0):
         self.socket_path = socket_path
+        self.closed = False
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(timeout)
         try:
@@ -38,17 +67,18 @@ class Client:
             )
         self._lock = threading.Lock()
 
-    def call(self, op: str, **fields) -> tuple[dict, list[int]]:
+    def call(self, op: str, fds: list[int] = (), **fields) -> tuple[dict, list[int]]:
         """The daemon's reply, and its fds: only a lease's reply has any;
-        fds that come with another reply are closed here."""
+        fds that come with another reply are closed here. ``fds`` go with the
+        request (the caller still owns them)."""
         with self._lock:
             try:
-                protocol.send(self.sock, {"op": op, **fields})
+                protocol.send(self.sock, {"op": op, **fields}, fds)
                 reply, fds = protocol.recv(self.sock)
             except (OSError, protocol.ProtocolError) as e:
-                raise DaemonError(f"lost the daemon at {self.socket_path}: {e}") from None
+                raise Disconnected(f"lost the daemon at {self.socket_path}: {e}") from None
         if reply is None:
-            raise DaemonError(f"the daemon at {self.socket_path} closed the connection")
+            raise Disconnected(f"the daemon at {self.socket_path} closed the connection")
         if op != "lease" or not reply.get("ok"):
             protocol.close_fds(fds)
             fds = []
@@ -56,12 +86,29 @@ class Client:
             raise DaemonError(reply.get("error", "the daemon refused without a reason"))
         return reply, fds
 
-    def hello(self, model: str, key: str = "", private_bytes: int = 0) -> dict:
+    def hello(
+        self,
+        model: str,
+        key: str = "",
+        private_bytes: int = 0,
+        state: str | None = None,
+        held: list[int] = (),
+        fds: list[int] = (),
+    ) -> dict:
         """Register as an instance's worker; the reply names the device and
         chunk size. ``key`` joins it to its controller; ``private_bytes`` is the
-        device memory it needs outside the pool, for the books to show."""
+        device memory it needs outside the pool, for the books to show.
+
+        Saying hello again on a new connection, after the daemon restarted,
+        ``held`` names the chunks the instance still holds and ``fds`` carries
+        one descriptor for each: the daemon takes them back onto its books."""
         fields = {"private_bytes": private_bytes} if private_bytes else {}
-        return self.call("hello", role="instance", model=model, key=key, **fields)[0]
+        if state is not None:
+            fields["state"] = state
+        if held:
+            fields["held"] = list(held)
+        reply = self.call("hello", fds, role="instance", model=model, key=key, **fields)
+        return reply[0]
 
     def lease(self, chunks: int) -> tuple[list[int], list[int]]:
         """Lease ``chunks`` chunks: their ids and one fd for each."""
@@ -82,4 +129,42 @@ class Client:
         return self.call("status")[0]
 
     def close(self) -> None:
+        """Close the connection; a thread waiting on it (an instance's watcher)
+        wakes up: shutdown() wakes it, close() alone would not."""
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
+
+
+def reconnect(socket_path: str, hello, seconds: float) -> Client:
+    """A new connection on which ``hello(client)`` went through, tried again
+    and again with a growing pause (0.1 s to 2 s) for ``seconds``: the daemon
+    may be restarting, or not yet know the instance a controller belongs to.
+    DaemonError with the last reason once the time is up."""
+    deadline = time.monotonic() + seconds
+    pause = 0.1
+    while True:
+        try:
+            client = Client(socket_path, timeout=None)
+        except DaemonError as e:
+            reason = e
+        else:
+            try:
+                hello(client)
+                return client
+            except DaemonError as e:
+                client.close()
+                reason = e
+            except BaseException:
+                client.close()
+                raise
+        if time.monotonic() + pause > deadline:
+            raise DaemonError(
+                f"the vllm-mux daemon at {socket_path} did not come back in {seconds:g} s "
+                f"({reason})"
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 2.0)

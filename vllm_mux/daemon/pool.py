@@ -28,6 +28,18 @@ class Pool:
             self.holder[i] = instance
         return ids
 
+    def hold(self, instance: int, ids: list[int]) -> None:
+        """Mark these free chunks held by ``instance``: what a restarted daemon
+        reads from its books, before the instance reconnects."""
+        if len(set(ids)) != len(ids):
+            raise PoolError("hold names a chunk twice")
+        taken = set(ids) - set(self.free)
+        if taken:
+            raise PoolError(f"chunks not free: {sorted(taken)[:8]}")
+        for i in ids:
+            self.holder[i] = instance
+        self.free = [i for i in self.free if i not in self.holder]
+
     def check(self, n: int) -> None:
         """Refuse a lease that could never be granted."""
         if n <= 0:

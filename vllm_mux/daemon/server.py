@@ -17,8 +17,26 @@ Nothing a peer does may stop the daemon or cost it for good: a connection
 that says nothing is closed after HELLO_TIMEOUT, a controller that does not
 answer is given up after ASK_TIMEOUT, and running out of fds or threads only
 slows accept() down until connections close.
+
+Instances outlive the daemon. It writes its books to a file beside its socket
+(``<socket>.books``, 0600, replaced whole at each change of who holds what):
+the pool's shape and, for each instance process that holds chunks, its pid,
+start time, key and chunk ids. A daemon started on the same socket reads them
+and makes only the chunks that no live process of those holds. Each holder
+is kept on the books, disconnected, until it reconnects and says hello with
+the ids it still holds and one fd for each — the chunks themselves: a memfd
+lives while a process holds it, a CUDA allocation while an imported handle
+does — or until its process exits, when its chunks are made anew. Chosen over
+a daemon that learns only from who reconnects: without the file it could not
+tell a free chunk from one held by an instance that has not reconnected yet,
+so it could create nothing, and grant nothing, before every instance was
+back (or some time had passed, when a late one would find its ids given to
+another). A holder that lives on without reconnecting keeps its chunks: it
+may still map them (an instance stops by itself once it has tried to
+reconnect for RECONNECT_S, see client.py).
 """
 
+import contextlib
 import logging
 import os
 import resource
@@ -28,6 +46,8 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
+
+import msgspec
 
 from vllm_mux.daemon import fallback_dir, make_fallback_dir, protocol
 from vllm_mux.daemon.pool import Pool, PoolError
@@ -73,6 +93,8 @@ class Instance:
     state: str = "starting"
     connected: bool = True
     last_active: float = field(default_factory=time.time)
+    started: int = 0  # the process's start time (/proc/PID/stat): its pid may be reused
+    generation: int = 0  # bumped when a new connection takes the record over
     wakes: int = 0
     sleeps: int = 0
     last_wake: dict = field(default_factory=dict)  # timings the instance measured
@@ -146,7 +168,11 @@ class Daemon:
         self.backend = backend
         self.device = device
         self.socket_path = socket_path
-        self.chunks = [backend.create(chunk_size) for _ in range(n)]
+        self.books_path = f"{socket_path}.books"
+        # Made by listen(), once the socket is ours: an earlier daemon's books
+        # may say that some exist already. None: held by an instance that has
+        # not reconnected yet.
+        self.chunks: list = []
         self.pool = Pool(n, chunk_size)
         self.instances: dict[int, Instance] = {}
         self.wait_timeout = wait_timeout
@@ -164,7 +190,7 @@ class Daemon:
     def listen(self) -> None:
         """Bind the socket, 0600, in a directory no other user can write to
         (or a sticky one, like /tmp, where they cannot remove what is ours),
-        never in place of another user's socket."""
+        never in place of another user's socket; then make the pool."""
         path = self.socket_path
         _check_directory(os.path.dirname(os.path.abspath(path)))
         if os.path.lexists(path):
@@ -193,8 +219,89 @@ class Daemon:
             raise RuntimeError(f"cannot listen at {path}: {e.strerror}") from None
         finally:
             os.umask(old)
-        sock.listen(64)
+        try:
+            sock.listen(64)
+            self._open_pool()
+        except BaseException:
+            sock.close()
+            os.unlink(path)
+            raise
         self._listener = sock
+
+    def _open_pool(self) -> None:
+        """Make every chunk but those that live instances of an earlier daemon
+        hold (its books say which); those instances stay on the books,
+        disconnected, until they reconnect or exit."""
+        holders = self._recover()
+        held = {i for _, ids in holders for i in ids}
+        try:
+            for i in range(self.pool.total):
+                self.chunks.append(None if i in held else self.backend.create(self.pool.chunk_size))
+            with self.lock:
+                for me, ids in holders:
+                    self.instances[me.id] = me
+                    self.pool.hold(me.id, ids)
+                if not self._save():
+                    raise RuntimeError(f"cannot write the daemon's books at {self.books_path}")
+        except BaseException:
+            for chunk in self.chunks:
+                if chunk is not None:
+                    self.backend.destroy(chunk)
+            self.chunks = []
+            for me, _ in holders:
+                os.close(me.pidfd)
+            raise
+        for me, ids in holders:
+            log.warning(
+                "pid %d (%s) holds %d chunks from before this daemon started; keeping them "
+                "for it until it reconnects or exits",
+                me.pid,
+                me.model,
+                len(ids),
+            )
+            waiting = threading.Thread(target=self._disconnected, args=(me, 0), daemon=True)
+            waiting.start()
+
+    def _recover(self) -> list[tuple[Instance, list[int]]]:
+        """The records of the live processes that hold chunks by the books of
+        an earlier daemon on this socket, and the ids each holds. Refuses a
+        pool of another shape while such processes live: their chunks would
+        not fit it."""
+        books = _read_books(self.books_path)
+        if books is None:
+            return []
+        live = []
+        try:
+            for h in books.holders:
+                try:
+                    pidfd = os.pidfd_open(h.pid)
+                except OSError:
+                    continue  # gone, and the kernel freed its chunks with it
+                if _start_time(h.pid) != h.started:
+                    os.close(pidfd)  # its pid now names another process
+                    continue
+                live.append((h, pidfd))
+            ours = (self.backend.identity, self.pool.chunk_size, self.pool.total)
+            theirs = (books.device_identity, books.chunk_size, books.total_chunks)
+            if live and ours != theirs:
+                raise RuntimeError(
+                    f"the books at {self.books_path} are of a pool of {theirs[2]} chunks of "
+                    f"{theirs[1]} bytes on {theirs[0]}, and live instances (pids "
+                    f"{', '.join(str(h.pid) for h, _ in live)}) still hold some of its chunks: "
+                    "start the daemon with the same --device, --device-memory and "
+                    "--chunk-size, or stop those instances first"
+                )
+        except BaseException:
+            for _, pidfd in live:
+                os.close(pidfd)
+            raise
+        records = []
+        for h, pidfd in live:
+            me = Instance(self._next_id, h.pid, h.model, pidfd, key=h.key, started=h.started)
+            me.state, me.connected = "awake", False
+            self._next_id += 1
+            records.append((me, h.ids))
+        return records
 
     def serve_forever(self) -> None:
         """Accept connections until shutdown(). Running out of fds or threads
@@ -228,6 +335,8 @@ class Daemon:
         return delay
 
     def shutdown(self) -> None:
+        """Stop listening. The books stay while instances hold chunks: a daemon
+        started next on this socket takes them over (an upgrade)."""
         self._stopping.set()
         if self._listener is not None:
             try:  # wakes a thread blocked in accept(); close() alone does not
@@ -238,12 +347,17 @@ class Daemon:
             self._listener = None
             if os.path.exists(self.socket_path):
                 os.unlink(self.socket_path)
+            with self.lock:
+                if not self.pool.leased:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.books_path)
 
     # -- one connection --
 
     def _serve(self, conn: socket.socket) -> None:
         pid, uid = protocol.peer(conn)
         me: Instance | None = None
+        generation = 0  # of ``me``, as this connection took it
         try:
             if uid not in (os.geteuid(), 0):
                 protocol.send(conn, {"ok": False, "error": f"uid {uid} may not use this daemon"})
@@ -258,16 +372,22 @@ class Daemon:
                 if message is None:
                     return
                 conn.settimeout(None)
-                protocol.close_fds(fds)  # nothing a client sends us carries fds
-                if message.get("op") == "hello" and message.get("role") == "controller":
+                hello = message.get("op") == "hello"
+                if not hello or message.get("role") == "controller":
+                    protocol.close_fds(fds)  # only an instance's hello brings chunks
+                if hello and message.get("role") == "controller":
                     if self._attach_controller(conn, message):
                         conn = None  # it now belongs to the instance's record
                         return
                     continue
+                out_fds = []
                 try:
-                    reply, out_fds, me = self._handle(message, pid, me)
+                    if hello:
+                        reply, me, generation = self._hello(message, pid, me, fds)
+                    else:
+                        reply, out_fds = self._handle(message, me)
                 except (PoolError, ValueError, KeyError, TypeError) as e:
-                    reply, out_fds = {"ok": False, "error": str(e)}, []
+                    reply = {"ok": False, "error": str(e)}
                 protocol.send(conn, reply, out_fds)
         except (OSError, protocol.ProtocolError) as e:  # ProtocolError: a reply too large
             log.info("connection of pid %d broke: %s", pid, e)
@@ -275,7 +395,7 @@ class Daemon:
             if conn is not None:
                 conn.close()
             if me is not None:
-                self._disconnected(me)
+                self._disconnected(me, generation)
 
     def _attach_controller(self, conn: socket.socket, message: dict) -> bool:
         key, ttl = message.get("key"), message.get("idle_ttl", 0)
@@ -297,36 +417,52 @@ class Daemon:
             old.close()  # not under the lock: it may wait for a question in flight
         return True
 
-    def _handle(self, message: dict, pid: int, me: Instance | None):
-        op = message.get("op")
-        if op == "hello":
+    def _hello(self, message: dict, pid: int, me: Instance | None, fds: list[int]):
+        """An instance's worker registers, or registers again after its
+        connection broke (this daemon's or an earlier one's): then it names
+        the chunks it still holds, ``held``, and ``fds`` are those chunks.
+        Returns the reply, the record and its generation. Every fd ends on the
+        books or closed."""
+        taken: list = []  # chunks made of ``fds``, until the books take them
+        pidfd = -1
+        try:
             if me is not None:
                 raise ValueError("hello was already said on this connection")
             if message.get("role") != "instance":
-                return self._ok(), [], None
-            model = message.get("model")
-            if not isinstance(model, str) or not model:
-                raise ValueError("hello from an instance names its model")
-            key = message.get("key", "")
-            if not isinstance(key, str):
-                raise ValueError("an instance's key is a string")
-            for what, text in (("a model's name", model), ("an instance's key", key)):
-                if len(text) > protocol.MAX_NAME:
-                    raise ValueError(
-                        f"{what} is at most {protocol.MAX_NAME} characters, not {len(text)}"
-                    )
-            private = message.get("private_bytes", 0)
-            if type(private) is not int or private < 0:
-                raise ValueError("private_bytes is a non-negative integer")
+                return self._ok(), None, 0
+            model, key, private, state, held = _hello_fields(message, len(fds))
+            try:
+                while fds:  # import_ owns the fd from here, whatever happens
+                    taken.append(self.backend.import_(fds.pop(), self.pool.chunk_size))
+            except (OSError, RuntimeError, ValueError) as e:
+                raise ValueError(f"a chunk that came with hello is not one: {e}") from None
+            taken.reverse()
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError as e:
                 raise ValueError(f"cannot watch process {pid}: {e.strerror}") from None
+            started = _start_time(pid)
+            if started is None:
+                raise ValueError(f"cannot watch process {pid}: it is gone")
             with self.lock:
-                me = Instance(self._next_id, pid, model, pidfd, key=key, private_bytes=private)
-                self._next_id += 1
-                self.instances[me.id] = me
-            log.info("instance %d (pid %d) registered for model %s", me.id, pid, model)
+                me = next(
+                    (i for i in self.instances.values() if key and (i.pid, i.key) == (pid, key)),
+                    None,
+                )
+                if me is None:
+                    if held:
+                        raise ValueError(
+                            f"hello names chunks {held[:8]} but this daemon has no record of "
+                            f"an instance of pid {pid} with that key holding any"
+                        )
+                    me = Instance(self._next_id, pid, model, pidfd, key=key, started=started)
+                    me.private_bytes, me.state, pidfd = private, state, -1
+                    self._next_id += 1
+                    self.instances[me.id] = me
+                    log.info("instance %d (pid %d) registered for model %s", me.id, pid, model)
+                else:
+                    self._adopt(me, held, taken, state, private)
+                generation = me.generation
             return (
                 self._ok(
                     instance=me.id,
@@ -335,11 +471,76 @@ class Daemon:
                     chunk_size=self.pool.chunk_size,
                     total_chunks=self.pool.total,
                 ),
-                [],
                 me,
+                generation,
             )
+        finally:
+            protocol.close_fds(fds)
+            for chunk in taken:
+                if chunk is not None:
+                    self.backend.destroy(chunk)
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def _adopt(self, me: Instance, held: list[int], taken: list, state: str, private: int):
+        """Take back a disconnected instance that says hello again (under the
+        lock). Of the chunks the books give it, it holds ``held`` (``taken``
+        are those chunks): where this daemon has no chunk for such an id (it
+        started after the instance leased it), the instance's becomes the
+        daemon's, and ``taken`` loses it. The rest the instance no longer has
+        (it unmapped them while the daemon was away, or a lease's reply never
+        reached it): they are free again, made anew where need be."""
+        if me.connected:
+            raise ValueError(f"instance {me.id} (pid {me.pid}) is still connected; try again")
+        mine = set(self.pool.held_by(me.id))
+        strangers = [i for i in held if i not in mine]
+        if strangers:
+            raise ValueError(
+                f"hello names chunks {strangers[:8]} that instance {me.id} (pid {me.pid}) "
+                "does not hold on this daemon's books"
+            )
+        gone = sorted(mine - set(held))
+        fresh = self._create([i for i in gone if self.chunks[i] is None])
+        adopted = 0
+        for k, i in enumerate(held):
+            if self.chunks[i] is None:
+                self.chunks[i], taken[k] = taken[k], None
+                adopted += 1
+        for i, chunk in fresh.items():
+            self.chunks[i] = chunk
+        self.pool.release(me.id, gone)
+        me.generation += 1
+        me.connected, me.state, me.private_bytes = True, state, private
+        me.last_active = time.time()
+        self._save()
+        self.changed.notify_all()
+        log.warning(
+            "instance %d (pid %d, %s) reconnected holding %d chunks (%d taken back from it); "
+            "%d it no longer holds are free",
+            me.id,
+            me.pid,
+            me.model,
+            len(held),
+            adopted,
+            len(gone),
+        )
+
+    def _create(self, ids: list[int]) -> dict:
+        """New chunks for ``ids``, all or none."""
+        made = {}
+        try:
+            for i in ids:
+                made[i] = self.backend.create(self.pool.chunk_size)
+        except (OSError, RuntimeError) as e:
+            for chunk in made.values():
+                self.backend.destroy(chunk)
+            raise PoolError(f"cannot make chunks anew: {e}") from None
+        return made
+
+    def _handle(self, message: dict, me: Instance | None):
+        op = message.get("op")
         if op == "status":
-            return self.status(), [], me
+            return self.status(), []
         if me is None:
             raise ValueError(f"op {op!r} needs a hello from an instance first")
         if op == "lease":
@@ -347,15 +548,16 @@ class Daemon:
             if not isinstance(n, int) or isinstance(n, bool):
                 raise ValueError("lease names a whole number of chunks")
             ids = self._lease(me, n)
-            return self._ok(ids=ids), [self.backend.export(self.chunks[i]) for i in ids], me
+            return self._ok(ids=ids), [self.backend.export(self.chunks[i]) for i in ids]
         if op == "release":
             ids = message.get("ids")
             if not isinstance(ids, list) or not all(type(i) is int for i in ids):
                 raise ValueError("release names a list of chunk ids")
             with self.lock:
                 self.pool.release(me.id, ids)
+                self._save()
                 self.changed.notify_all()
-            return self._ok(), [], me
+            return self._ok(), []
         if op == "state":
             state = message.get("state")
             if state not in STATES:
@@ -374,11 +576,31 @@ class Daemon:
                         _observe(me.wake_latency, facts["seconds"])
                     elif state == "asleep":
                         _observe(me.sleep_latency, facts["seconds"])
-            return self._ok(), [], me
+            return self._ok(), []
         raise ValueError(f"unknown op {op!r}")
 
     def _ok(self, **fields) -> dict:
         return {"ok": True, **fields}
+
+    def _save(self) -> bool:
+        """Write the books (under the lock, after each change of who holds
+        what): what a daemon started next on this socket needs to know. False,
+        and said in the log, if they cannot be written."""
+        ids: dict[int, list[int]] = {}
+        for chunk, holder in self.pool.holder.items():
+            ids.setdefault(holder, []).append(chunk)
+        holders = [
+            _Holder(i.pid, i.started, i.key, i.model, sorted(ids[i.id]))
+            for i in self.instances.values()
+            if i.id in ids
+        ]
+        books = _Books(self.backend.identity, self.pool.chunk_size, self.pool.total, holders)
+        try:
+            _replace(self.books_path, msgspec.json.encode(books))
+        except OSError as e:
+            log.error("cannot write the books at %s: %s", self.books_path, e)
+            return False
+        return True
 
     # -- arbitration --
 
@@ -408,6 +630,12 @@ class Daemon:
                     starting = me.controller is None and self.pool.held_by(me.id)
                     if (self.waiters[0] == me.id or starting) and n <= len(self.pool.free):
                         ids = self.pool.lease(me.id, n)
+                        if not self._save():  # a lease the books do not show could be lost
+                            self.pool.release(me.id, ids)
+                            raise PoolError(
+                                f"cannot write the daemon's books at {self.books_path}; no "
+                                "lease is granted until they can be written (see its log)"
+                            )
                         me.last_active = time.time()
                         return ids
                     first = self.waiters[0] == me.id
@@ -471,33 +699,73 @@ class Daemon:
                 if not reports[victim.id].get("draining"):
                     log.info("asked %d (%s) to sleep for %s", victim.id, victim.model, me.model)
 
-    def _disconnected(self, me: Instance) -> None:
-        """Take the chunks back once the process is gone, not before."""
+    def _disconnected(self, me: Instance, generation: int) -> None:
+        """Take the chunks back once the process is gone, not before, unless it
+        says hello again first: then its new connection owns the record."""
         with self.lock:
+            if me.generation != generation:
+                return
             me.connected = False
             holds = bool(self.pool.held_by(me.id))
         if holds:
             log.warning(
-                "instance %d (pid %d) left holding chunks; waiting for it to exit", me.id, me.pid
+                "instance %d (pid %d) left holding chunks; keeping them for it until it "
+                "reconnects or exits",
+                me.id,
+                me.pid,
             )
-        gone = not holds or self._wait_for_exit(me.pidfd)
-        if gone:
-            with self.lock:
-                returned = self.pool.release_all(me.id)
-                del self.instances[me.id]
-                self.changed.notify_all()
-            if returned:
-                log.warning("instance %d exited; %d chunks back", me.id, len(returned))
+            if not self._wait_for_exit(me, generation):
+                with self.lock:
+                    if me.generation != generation:
+                        return  # reconnected
+                # The daemon stops: the books stay, for the next one.
+        elif not self._forget(me, generation):
+            return
         if me.controller:
             me.controller.close()
         os.close(me.pidfd)
 
-    def _wait_for_exit(self, pidfd: int) -> bool:
-        """True once the process has exited; False if the daemon stops first
-        (its books end with it)."""
-        while not _exited(pidfd, timeout=0.25):
+    def _wait_for_exit(self, me: Instance, generation: int) -> bool:
+        """Until the process has exited: then its chunks are free again (made
+        anew where this daemon has none: the kernel freed the process's with
+        it). False if it reconnects first, or the daemon stops (its books stay)."""
+        while not _exited(me.pidfd, timeout=0.25):
             if self._stopping.is_set():
                 return False
+            with self.lock:
+                if me.generation != generation:
+                    return False
+        return self._forget(me, generation)
+
+    def _forget(self, me: Instance, generation: int) -> bool:
+        """Take an instance off the books, its chunks back to the pool. False
+        if a new connection took it over meanwhile."""
+        while True:
+            with self.lock:
+                if me.generation != generation:
+                    return False  # it said hello as it died: that connection ends it
+                missing = [i for i in self.pool.held_by(me.id) if self.chunks[i] is None]
+                try:
+                    fresh = self._create(missing)
+                except PoolError as e:
+                    log.error("instance %d is gone, but %s; trying again in 5 s", me.id, e)
+                else:
+                    for i, chunk in fresh.items():
+                        self.chunks[i] = chunk
+                    returned = self.pool.release_all(me.id)
+                    del self.instances[me.id]
+                    self._save()
+                    self.changed.notify_all()
+                    break
+            if self._stopping.wait(5):
+                return True
+        if returned:
+            log.warning(
+                "instance %d exited; %d chunks back (%d made anew)",
+                me.id,
+                len(returned),
+                len(missing),
+            )
         return True
 
     # -- the books, for `vllm-mux status` and tests --
@@ -552,6 +820,121 @@ def _exited(pidfd: int, timeout: float = 0.0) -> bool:
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(timeout * 1000))
+
+
+def _hello_fields(message: dict, nfds: int) -> tuple[str, str, int, str, list[int]]:
+    """An instance's hello: its model, key, private bytes, state, and the
+    chunks it says it holds (one fd each came with it), checked."""
+    model = message.get("model")
+    if not isinstance(model, str) or not model:
+        raise ValueError("hello from an instance names its model")
+    key = message.get("key", "")
+    if not isinstance(key, str):
+        raise ValueError("an instance's key is a string")
+    for what, text in (("a model's name", model), ("an instance's key", key)):
+        if len(text) > protocol.MAX_NAME:
+            raise ValueError(f"{what} is at most {protocol.MAX_NAME} characters, not {len(text)}")
+    private = message.get("private_bytes", 0)
+    if type(private) is not int or private < 0:
+        raise ValueError("private_bytes is a non-negative integer")
+    state = message.get("state", "starting")
+    if not isinstance(state, str) or state not in STATES:
+        raise ValueError(f"state is one of {', '.join(STATES)}, not {state!r:.80}")
+    held = message.get("held", [])
+    if not isinstance(held, list) or not all(type(i) is int for i in held):
+        raise ValueError("held names a list of chunk ids")
+    if len(set(held)) != len(held):
+        raise ValueError("held names a chunk twice")
+    if len(held) != nfds:
+        raise ValueError(f"hello names {len(held)} held chunks but brings {nfds} fds: one each")
+    if held and state == "asleep":
+        raise ValueError("an instance that holds chunks is not asleep")
+    return model, key, private, state, held
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started (the 22nd field of /proc/PID/stat), None if it
+    is gone: with its pid, this names one process, even once the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            line = f.read()
+    except OSError:
+        return None
+    return int(line.rsplit(b")", 1)[1].split()[19])
+
+
+class _Holder(msgspec.Struct):
+    """One instance process that holds chunks, in the books' file."""
+
+    pid: int
+    started: int
+    key: str
+    model: str
+    ids: list[int]
+
+
+class _Books(msgspec.Struct):
+    """The books' file: the pool's shape and who holds which chunk."""
+
+    device_identity: str
+    chunk_size: int
+    total_chunks: int
+    holders: list[_Holder]
+
+
+def _read_books(path: str) -> _Books | None:
+    """The books an earlier daemon left at ``path``; None if there are none.
+    Refuses a file that is not this user's private one, or is not books: if
+    no instance of that daemon still runs, removing it loses nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise RuntimeError(f"cannot read the daemon's books at {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise RuntimeError(
+                f"{path} is not a private file of this user (uid {os.geteuid()}, mode 0600): "
+                "it is not this daemon's books; remove it, or choose another --socket"
+            )
+        pieces = []
+        while piece := os.read(fd, 1 << 20):
+            pieces.append(piece)
+    finally:
+        os.close(fd)
+    try:
+        books = msgspec.json.decode(b"".join(pieces), type=_Books)
+        ids = [i for h in books.holders for i in h.ids]
+        if len(set(ids)) != len(ids) or not all(0 <= i < books.total_chunks for i in ids):
+            raise ValueError("a chunk held twice, or out of the pool")
+    except (msgspec.DecodeError, ValueError) as e:
+        raise RuntimeError(
+            f"the daemon's books at {path} do not read ({e}); if no instance of the daemon "
+            "that wrote them still runs, remove the file"
+        ) from None
+    return books
+
+
+def _replace(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: into a new private file
+    beside it, renamed over it, so that whoever reads it next (a daemon that
+    starts after this one died writing) finds the old books or the new."""
+    new = f"{path}.new"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(new)  # left by a daemon that died writing
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        os.unlink(new)
+        raise
+    os.close(fd)
+    os.replace(new, path)
 
 
 def _raise_fd_limit(chunks: int) -> None:

@@ -84,8 +84,22 @@ class Backend:
 
     # instance side
     def import_(self, fd: int, size: int) -> Chunk:
-        """Take ownership of a received descriptor."""
+        """Take ownership of a received descriptor: a memfd of ``size`` bytes
+        (mapping past the end of a shorter file would fault its reader)."""
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise ValueError(f"a chunk of {actual} bytes, not {size}")
+        except BaseException:
+            os.close(fd)
+            raise
         return Chunk(fd, size)
+
+    def share(self, chunk: Chunk) -> int:
+        """A new descriptor of an imported chunk, which the caller closes: how
+        an instance hands its chunks to a daemon that restarted. The memfd is
+        the memory itself, alive while any process holds or maps it."""
+        return os.dup(chunk.fd)
 
     def release(self, chunk: Chunk) -> None:
         """Drop this process's handle to an imported chunk (after unmapping)."""

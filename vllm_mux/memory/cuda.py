@@ -13,6 +13,11 @@ into a reservation: addresses never move, and touching an unmapped range
 faults, as on the cpu backend. ``cuMemCreate`` commits the physical memory
 itself, so the pool is really held from the daemon's start, with no zeroing.
 
+When the daemon dies, an allocation lives on while an instance's imported
+handle does. The instance hands it to the daemon started next with ``share``
+(``cuMemExportToShareableHandle`` of its own handle), and that daemon imports
+it as its chunk and exports it again when it next leases it.
+
 The trap: ``cuMemMap`` maps a whole allocation, from offset 0, and
 ``cuMemUnmap`` cannot unmap part of a mapping. So the chunk is the unit: every
 chunk is mapped on its own, this backend remembers each mapping, and
@@ -197,15 +202,7 @@ class Backend:
         export would make a new fd, and callers do not close what they send.
         """
         if chunk.fd < 0:
-            with self._current():
-                fd = int(
-                    _check(
-                        driver.cuMemExportToShareableHandle(chunk.handle, _POSIX_FD, 0),
-                        "cuMemExportToShareableHandle",
-                    )
-                )
-            os.set_inheritable(fd, False)  # like MFD_CLOEXEC: not for vLLM's children
-            chunk.fd = fd
+            chunk.fd = self.share(chunk)
         return chunk.fd
 
     # instance side
@@ -220,6 +217,22 @@ class Backend:
         finally:
             os.close(fd)
         return Chunk(int(handle), size)
+
+    def share(self, chunk: Chunk) -> int:
+        """A new descriptor of a chunk, which the caller closes: how an instance
+        hands its chunks to a daemon that restarted. The instance's imported
+        handle kept the allocation alive when the daemon that made it died; an
+        imported handle keeps the POSIX-fd handle type it was made with, so it
+        exports again. (This instance-side use has not run on a GPU yet.)"""
+        with self._current():
+            fd = int(
+                _check(
+                    driver.cuMemExportToShareableHandle(chunk.handle, _POSIX_FD, 0),
+                    "cuMemExportToShareableHandle",
+                )
+            )
+        os.set_inheritable(fd, False)  # like MFD_CLOEXEC: not for vLLM's children
+        return fd
 
     def release(self, chunk: Chunk) -> None:
         """Drop this process's handle to an imported chunk (after unmapping)."""
