@@ -9,6 +9,7 @@ chunks can be compared with the instances' (same memfd, same memory)."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -376,3 +377,52 @@ def test_chunks_claimed_without_a_record_are_refused_and_closed(restart):
     assert status["instances"] == [] and status["free_chunks"] == 4
     os.close(memfd)
     c.close()
+
+
+def test_serve_starts_its_daemon_again(tmp_path):
+    """``vllm-mux serve``'s keeper of the daemon: SIGKILL it, and a new one
+    listens on the same socket, where the instance's chunks are taken back."""
+    from vllm_mux.config import Config
+    from vllm_mux.serve import DaemonKeeper
+
+    path = os.path.join(tempfile.mkdtemp(prefix="vmux"), "d.sock")
+    config = Config(models=[], device_memory=f"{TOTAL}MiB", chunk_size=f"{CHUNK}")
+    stopping, lock = threading.Event(), threading.Lock()
+    keeper = DaemonKeeper(config, path, tmp_path, stopping, lock)
+    assert keeper.start()
+    threading.Thread(target=keeper.watch, daemon=True).start()
+    a = None
+    try:
+        a = Instance(path, "a", key="a")
+        ta, ea = loaded(a, 2.5, seed=8)
+        first = keeper.process.pid
+        os.kill(first, signal.SIGKILL)
+
+        def back() -> dict | None:
+            if keeper.process.pid == first or not keeper.process.alive():
+                return None
+            try:
+                c = Client(path)
+            except DaemonError:
+                return None
+            try:
+                status = c.status()
+            finally:
+                c.close()
+            row = rows(status).get("a")
+            return status if row and row["state"] != "disconnected" else None
+
+        status = wait_for(back)
+        assert status, keeper.process.log()
+        assert_books_balance(status)
+        assert rows(status)["a"]["chunks"] == 3 and status["free_chunks"] == TOTAL - 3
+        assert keeper.starts == 2 and (tmp_path / "daemon.1.log").exists()
+        a.sleep()
+        a.wake()
+        assert torch.equal(ta, ea)
+    finally:
+        if a is not None:
+            a.client.close()
+        with lock:
+            stopping.set()
+        keeper.process.stop()

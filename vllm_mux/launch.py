@@ -74,19 +74,33 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+class DaemonProcess(Process):
+    """``vllm-mux daemon`` in a child process; ``wait_listening`` waits for it."""
+
+    def __init__(
+        self, socket_path: str, device_memory: str, log: Path, device: str = "cpu", args=()
+    ):
+        self.socket_path = socket_path
+        argv = [sys.executable, "-m", "vllm_mux.cli", "daemon", "--device", device]
+        argv += ["--device-memory", device_memory, "--socket", socket_path, *args]
+        super().__init__(argv, log)
+
+    def wait_listening(self, timeout: float = 300) -> "DaemonProcess":
+        """Until it listens (a busy machine imports slowly); a daemon that
+        exits first, or hangs, is stopped, and RuntimeError says why."""
+        deadline = time.monotonic() + timeout
+        while not _listening(self.socket_path):
+            if not self.alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the daemon did not start:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+
 def start_daemon(
     socket_path: str, device_memory: str, log: Path, device: str = "cpu", args: list[str] = ()
-) -> Process:
-    argv = [sys.executable, "-m", "vllm_mux.cli", "daemon", "--device", device]
-    argv += ["--device-memory", device_memory, "--socket", socket_path, *args]
-    daemon = Process(argv, log)
-    deadline = time.monotonic() + 300  # a busy machine imports slowly
-    while not _listening(socket_path):
-        if not daemon.alive() or time.monotonic() > deadline:
-            daemon.stop()
-            raise RuntimeError(f"the daemon did not start:\n{daemon.log()}")
-        time.sleep(0.05)
-    return daemon
+) -> DaemonProcess:
+    return DaemonProcess(socket_path, device_memory, log, device, args).wait_listening()
 
 
 def _listening(socket_path: str) -> bool:

@@ -8,7 +8,11 @@ again after a backoff, and meanwhile the router answers its model's requests
 with 503 and Retry-After. A model whose server fails to start three times in
 a row is marked failed, with the tail of its log in the router's /v1/models,
 and the other models keep serving. Restarts are counted there and in
-/metrics (``vllm_mux:instance_restarts_total``).
+/metrics (``vllm_mux:instance_restarts_total``). A daemon that exits is
+started again the same way, on the same socket: the instances serve on
+meanwhile and reconnect to it, and it takes their chunks back from them
+(see daemon/server.py); a request that needs a wake in the gap waits for it,
+or gets 503 with Retry-After.
 """
 
 import os
@@ -20,7 +24,7 @@ import time
 from pathlib import Path
 
 from vllm_mux.config import EMPTY_KEY, Config, Model, size
-from vllm_mux.launch import CPU_ARGS, VllmServer, cpu_binds, cpu_ids, start_daemon
+from vllm_mux.launch import CPU_ARGS, DaemonProcess, VllmServer, cpu_binds, cpu_ids
 from vllm_mux.router.app import Upstream
 
 ATTEMPTS = 3  # starts in a row that may fail before a model is marked failed
@@ -54,6 +58,64 @@ def core_binds(models: list[Model]) -> dict[str, str]:
     rest = [m.name for m in models if not m.cpu_cores]
     binds = dict(zip(rest, cpu_binds(len(rest), free)))
     return {m.name: m.cpu_cores or binds[m.name] for m in models}
+
+
+class DaemonKeeper:
+    """Keeps the daemon running: starts it, and starts it again when it exits
+    (killed, crashed), with a growing delay, for as long as serve runs."""
+
+    def __init__(self, config: Config, socket_path: str, logs: Path, stopping, lock):
+        self.config, self.socket_path, self.logs = config, socket_path, logs
+        self.stopping, self.lock = stopping, lock
+        self.args = ["--chunk-size", config.chunk_size] if config.chunk_size else []
+        self.process: DaemonProcess | None = None
+        self.starts = 0  # daemons started, for the log's name
+        self.streak = 0  # exits since one ran STABLE_S
+        self.ready_at = 0.0  # when the last one started
+
+    def start(self) -> bool:
+        """Start it and wait until it listens: False if serve stops first,
+        RuntimeError if it does not start."""
+        log = self.logs / ("daemon.log" if not self.starts else f"daemon.{self.starts}.log")
+        with self.lock:  # serve stops every daemon it started, never one started after
+            if self.stopping.is_set():
+                return False
+            self.process = DaemonProcess(
+                self.socket_path, self.config.device_memory, log, self.config.device, self.args
+            )
+            self.starts += 1
+            self.ready_at = time.monotonic()
+        self.process.wait_listening()
+        return True
+
+    def watch(self) -> None:
+        """Start the daemon again whenever it exits, until serve stops."""
+        while True:
+            code = self.process.proc.wait()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - self.ready_at > STABLE_S:
+                self.streak = 0
+            self.streak += 1
+            delay = min(MAX_BACKOFF_S, 2 ** (self.streak - 1))
+            print(
+                f"vllm-mux: the daemon exited ({code}); starting it again in {delay} s (log: "
+                f"{self.process.log_path}); the models serve on and will reconnect to it",
+                flush=True,
+            )
+            self.process.stop()
+            if self.stopping.wait(delay):
+                return
+            try:
+                if not self.start():
+                    return
+            except RuntimeError as e:
+                if self.stopping.is_set():
+                    return
+                last = str(e).strip().splitlines()[-1]  # the end of its log says why
+                print(f"vllm-mux: the daemon did not start: {last}", file=sys.stderr, flush=True)
+                continue
+            print(f"vllm-mux: the daemon is back (restart {self.starts - 1})", flush=True)
 
 
 class Keeper:
@@ -168,10 +230,9 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
     daemon, keepers = None, []
     try:
         print(f"vllm-mux: logs in {logs}", flush=True)
-        args = ["--chunk-size", config.chunk_size] if config.chunk_size else []
-        daemon = start_daemon(
-            socket_path, config.device_memory, logs / "daemon.log", config.device, args
-        )
+        daemon = DaemonKeeper(config, socket_path, logs, stopping, lock)
+        daemon.start()
+        threading.Thread(target=daemon.watch, daemon=True).start()
         print(f"vllm-mux: daemon on {config.device} with {config.device_memory}", flush=True)
         binds = core_binds(config.models) if config.device == "cpu" else {}
         if binds:
@@ -217,8 +278,8 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
         for keeper in reversed(keepers):
             if keeper.server is not None:
                 keeper.server.stop()
-        if daemon is not None:
-            daemon.stop()
+        if daemon is not None and daemon.process is not None:
+            daemon.process.stop()
 
 
 def _say_cores(binds: dict[str, str]) -> None:
