@@ -426,3 +426,20 @@ def test_serve_starts_its_daemon_again(tmp_path):
         with lock:
             stopping.set()
         keeper.process.stop()
+
+
+def test_the_daemon_command_refuses_books_it_cannot_read_in_one_line(restart):
+    with open(f"{restart.socket}.books", "w") as f:
+        f.write("{not json")
+    os.chmod(f"{restart.socket}.books", 0o600)
+    done = subprocess.run(
+        [sys.executable, "-m", "vllm_mux.cli", "daemon", "--device-memory", "4MiB"]
+        + ["--chunk-size", "1MiB", "--socket", restart.socket],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("vllm-mux daemon: the daemon's books at") and "remove the file" in line
+    assert not os.path.exists(restart.socket)

@@ -42,7 +42,7 @@ def _daemon(args) -> int:
             wait_timeout=args.wait_timeout,
         )
         daemon.listen()
-    except (ValueError, ImportError, RuntimeError) as e:
+    except (ValueError, ImportError, RuntimeError, OSError) as e:  # OSError: making the pool
         print(f"vllm-mux daemon: {e}", file=sys.stderr)
         return 2
 
@@ -52,11 +52,12 @@ def _daemon(args) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     logging.info(
-        "pool of %d chunks of %d MiB on %s, listening at %s",
+        "pool of %d chunks of %d MiB on %s, listening at %s, books at %s",
         daemon.pool.total,
         args.chunk_size >> 20,
         args.device,
         args.socket,
+        daemon.books_path,
     )
     serving = threading.Thread(target=daemon.serve_forever)
     serving.start()

@@ -394,10 +394,12 @@ class Instance:
             try:
                 for _, chunk in held:
                     fds.append(self.backend.share(chunk))
+            except (OSError, RuntimeError) as e:  # out of fds; a driver error on cuda
+                protocol.close_fds(fds)
+                raise DaemonError(f"cannot hand our chunks to the daemon: {e}") from None
+            try:
                 ids = [i for i, _ in held]
                 reply = client.hello(self.model, self.key, self.private_bytes, self.state, ids, fds)
-            except OSError as e:
-                raise DaemonError(f"cannot hand our chunks to the daemon: {e}") from None
             finally:
                 protocol.close_fds(fds)
             theirs = (reply["chunk_size"], reply.get("device_identity"))

@@ -251,14 +251,15 @@ class Daemon:
             for me, _ in holders:
                 os.close(me.pidfd)
             raise
-        for me, ids in holders:
+        if holders:
             log.warning(
-                "pid %d (%s) holds %d chunks from before this daemon started; keeping them "
-                "for it until it reconnects or exits",
-                me.pid,
-                me.model,
-                len(ids),
+                "the books of the daemon before: %d live instances hold %d chunks; made the "
+                "other %d",
+                len(holders),
+                len(held),
+                self.pool.total - len(held),
             )
+        for me, _ in holders:
             waiting = threading.Thread(target=self._disconnected, args=(me, 0), daemon=True)
             waiting.start()
 
@@ -709,10 +710,11 @@ class Daemon:
             holds = bool(self.pool.held_by(me.id))
         if holds:
             log.warning(
-                "instance %d (pid %d) left holding chunks; keeping them for it until it "
-                "reconnects or exits",
+                "instance %d (pid %d, %s) holds chunks and is not connected; keeping them for "
+                "it until it reconnects or exits",
                 me.id,
                 me.pid,
+                me.model,
             )
             if not self._wait_for_exit(me, generation):
                 with self.lock:
