@@ -140,11 +140,6 @@ msg, fds, _, _ = socket.recv_fds(sock, 1024, 1)
 size, seed, new_seed = map(int, msg.split())
 cuda = Backend(0)
 chunk = cuda.import_(fds[0], size)
-try:
-    os.fstat(fds[0])
-    closed = False
-except OSError:
-    closed = True
 addr = cuda.reserve(size)
 cuda.map(chunk, addr)
 t = cuda.tensor(addr, size)
@@ -153,7 +148,12 @@ seen = torch.equal(t, ((n * 31 + seed) % 251).to(torch.uint8))
 t.copy_(((n * 31 + new_seed) % 251).to(torch.uint8))
 cuda.synchronize()
 cuda.unmap(addr, size)
-cuda.release(chunk)
+cuda.release(chunk)  # the fd goes with the handle: kept until then, for a restarted daemon
+try:
+    os.fstat(fds[0])
+    closed = False
+except OSError:
+    closed = True
 cuda.free(addr, size)
 sock.send(f"closed={closed} seen={seen}".encode())
 """

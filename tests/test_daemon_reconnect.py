@@ -443,3 +443,70 @@ def test_the_daemon_command_refuses_books_it_cannot_read_in_one_line(restart):
     (line,) = done.stderr.splitlines()
     assert line.startswith("vllm-mux daemon: the daemon's books at") and "remove the file" in line
     assert not os.path.exists(restart.socket)
+
+
+def _cuda() -> bool:
+    try:
+        import cuda.bindings.driver  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def status_of(path: str) -> dict | None:
+    try:
+        c = Client(path)
+    except DaemonError:
+        return None
+    try:
+        return c.status()
+    finally:
+        c.close()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs an NVIDIA GPU and cuda-bindings")
+def test_on_cuda_held_chunks_live_through_the_instances_handles(tmp_path):
+    """The same restart on a GPU: the instance's imported handles keep its
+    chunks alive when the daemon dies; it re-exports them to the next daemon,
+    which makes only the free ones."""
+    chunk = 64 << 20
+    path = os.path.join(tempfile.mkdtemp(prefix="vmux"), "d.sock")
+    pool, args = str(4 * chunk), ["--chunk-size", str(chunk)]
+    procs = [start_daemon(path, pool, tmp_path / "first.log", device="cuda", args=args)]
+    instances = []
+    try:
+        a = Instance(path, "a", key="a")
+        instances.append(a)
+        w = torch.randn(3 * chunk // 8, device="cuda")  # 1.5 chunks of float32: 2 chunks
+        expected = w.cpu()
+        a.adopt_weights([w])
+        procs[0].proc.kill()
+        procs[0].proc.wait()
+        assert torch.equal(w.cpu(), expected)  # alive through our handles alone
+        procs.append(start_daemon(path, pool, tmp_path / "second.log", device="cuda", args=args))
+
+        def back():
+            status = status_of(path)
+            row = rows(status).get("a") if status else None
+            return status if row and row["state"] != "disconnected" else None
+
+        status = wait_for(back, timeout=60)
+        assert status, procs[1].log()
+        assert_books_balance(status)
+        assert rows(status)["a"]["chunks"] == 2 and status["free_chunks"] == 2
+        assert "1 live instances hold 2 chunks; made the other 2" in procs[1].log()
+        b = Instance(path, "b", key="b")
+        instances.append(b)
+        b.alloc(b.weights, 2 * chunk).fill_(255)  # the two others: not a's
+        torch.cuda.synchronize()
+        assert torch.equal(w.cpu(), expected)
+        b.sleep()
+        a.sleep()
+        a.wake()
+        assert torch.equal(w.cpu(), expected)
+        assert_books_balance(status_of(path))
+    finally:
+        for inst in instances:
+            inst.client.close()
+        for p in procs:
+            p.stop()

@@ -6,12 +6,15 @@ until a daemon answers on the same socket, for RECONNECT_S seconds; only then
 does the instance give up and stop (see instance.py and controller.py).
 """
 
+import logging
 import os
 import socket
 import threading
 import time
 
 from vllm_mux.daemon import protocol
+
+log = logging.getLogger("vllm_mux.client")
 
 # Seconds an instance tries to reach its daemon again before it stops:
 # long enough for a restart, an upgrade or serve's backoff; $VLLM_MUX_RECONNECT_S.
@@ -145,7 +148,7 @@ def reconnect(socket_path: str, hello, seconds: float) -> Client:
     may be restarting, or not yet know the instance a controller belongs to.
     DaemonError with the last reason once the time is up."""
     deadline = time.monotonic() + seconds
-    pause = 0.1
+    pause, said = 0.1, None
     while True:
         try:
             client = Client(socket_path, timeout=None)
@@ -158,6 +161,9 @@ def reconnect(socket_path: str, hello, seconds: float) -> Client:
             except DaemonError as e:
                 client.close()
                 reason = e
+                if str(e) != said:  # a daemon that answers, and refuses: say why, once
+                    log.warning("the daemon at %s refused to take us back: %s", socket_path, e)
+                    said = str(e)
             except BaseException:
                 client.close()
                 raise

@@ -4,8 +4,8 @@ A chunk is physical GPU memory made by ``cuMemCreate`` with a POSIX
 file-descriptor handle type, so the daemon can hand it to an instance: it
 exports the chunk once with ``cuMemExportToShareableHandle`` and sends that fd
 with ``SCM_RIGHTS``; the instance turns it into its own handle with
-``cuMemImportFromShareableHandle`` and closes the fd (the handle keeps the
-memory alive; an fd left open would pin it after every handle is released). A
+``cuMemImportFromShareableHandle`` and keeps the fd until it releases the
+chunk (an fd left open after that would pin the memory). A
 virtual range is reserved with ``cuMemAddressReserve``; a chunk is mapped into
 it with ``cuMemMap`` and made usable with ``cuMemSetAccess`` (a new mapping has
 no access at all), and unmapped with ``cuMemUnmap``, which turns the range back
@@ -14,9 +14,11 @@ faults, as on the cpu backend. ``cuMemCreate`` commits the physical memory
 itself, so the pool is really held from the daemon's start, with no zeroing.
 
 When the daemon dies, an allocation lives on while an instance's imported
-handle does. The instance hands it to the daemon started next with ``share``
-(``cuMemExportToShareableHandle`` of its own handle), and that daemon imports
-it as its chunk and exports it again when it next leases it.
+handle does. The instance hands it to the daemon started next with ``share``:
+an imported handle cannot be exported again (CUDA_ERROR_INVALID_VALUE), so an
+instance keeps each chunk's fd, as the cpu backend keeps its memfd, until it
+releases the chunk, and ``share`` dups it; the daemon keeps the fd it imports
+an adopted chunk from, and sends it when it leases the chunk again.
 
 The trap: ``cuMemMap`` maps a whole allocation, from offset 0, and
 ``cuMemUnmap`` cannot unmap part of a mapping. So the chunk is the unit: every
@@ -202,37 +204,38 @@ class Backend:
         export would make a new fd, and callers do not close what they send.
         """
         if chunk.fd < 0:
-            chunk.fd = self.share(chunk)
+            with self._current():
+                fd = int(
+                    _check(
+                        driver.cuMemExportToShareableHandle(chunk.handle, _POSIX_FD, 0),
+                        "cuMemExportToShareableHandle",
+                    )
+                )
+            os.set_inheritable(fd, False)  # like MFD_CLOEXEC: not for vLLM's children
+            chunk.fd = fd
         return chunk.fd
 
     # instance side
     def import_(self, fd: int, size: int) -> Chunk:
-        """Take ownership of a received descriptor: import it, then close it."""
+        """Take ownership of a received descriptor: import it, and keep it in
+        the chunk until ``release`` (an imported handle does not export
+        again: CUDA_ERROR_INVALID_VALUE on an H200, so ``share`` dups this)."""
         try:
             with self._current():
                 handle = _check(
                     driver.cuMemImportFromShareableHandle(fd, _POSIX_FD),
                     "cuMemImportFromShareableHandle",
                 )
-        finally:
+        except BaseException:
             os.close(fd)
-        return Chunk(int(handle), size)
+            raise
+        return Chunk(int(handle), size, fd)
 
     def share(self, chunk: Chunk) -> int:
-        """A new descriptor of a chunk, which the caller closes: how an instance
-        hands its chunks to a daemon that restarted. The instance's imported
-        handle kept the allocation alive when the daemon that made it died; an
-        imported handle keeps the POSIX-fd handle type it was made with, so it
-        exports again. (This instance-side use has not run on a GPU yet.)"""
-        with self._current():
-            fd = int(
-                _check(
-                    driver.cuMemExportToShareableHandle(chunk.handle, _POSIX_FD, 0),
-                    "cuMemExportToShareableHandle",
-                )
-            )
-        os.set_inheritable(fd, False)  # like MFD_CLOEXEC: not for vLLM's children
-        return fd
+        """A new descriptor of an imported chunk, which the caller closes: how
+        an instance hands its chunks to a daemon that restarted. Its handle
+        kept the allocation alive when the daemon that made it died."""
+        return os.dup(chunk.fd)
 
     def release(self, chunk: Chunk) -> None:
         """Drop this process's handle to an imported chunk (after unmapping)."""
