@@ -1,5 +1,6 @@
 """`vllm-mux serve`: one OpenAI port for two models on a pool that holds one,
-beside a third whose source is broken; serve heals a killed instance."""
+beside a third whose source is broken; serve heals a killed instance and a
+killed daemon."""
 
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import assert_books_balance
-from vllm_mux.daemon.client import Client
+from vllm_mux.daemon.client import Client, DaemonError
 from vllm_mux.launch import free_port
 
 pytestmark = pytest.mark.vllm
@@ -321,6 +322,46 @@ def _only_live(status: dict) -> dict | None:
     """The status once no instance of a dead process holds a chunk."""
     dead = [i for i in status["instances"] if not psutil.pid_exists(i["pid"])]
     return None if any(i["chunks"] for i in dead) else status
+
+
+def test_a_killed_daemon_is_started_again_and_the_models_serve_on(serve):
+    """SIGKILL serve's daemon: the awake model answers meanwhile, serve starts
+    a new daemon, both instances join it, the books balance, and both models
+    answer as before (a wake that needs the daemon in the gap waits for it, or
+    gets 503 with Retry-After)."""
+    proc, url, sock, tmp = serve
+
+    def complete(model: str) -> httpx.Response:
+        body = {"model": model, "prompt": "The sky is", "max_tokens": 8, "temperature": 0}
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=None)
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "5"
+            r = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=None)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    before = {m: complete(m) for m in ("smol-a", "smol-b")}
+    (awake,) = [i["model"] for i in books(sock)["instances"] if i["state"] == "awake"]
+    (old,) = [p for p in psutil.Process(proc.pid).children() if "daemon" in p.cmdline()]
+    old.kill()
+    old.wait(60)
+    assert complete(awake) == before[awake]  # no daemon needed to compute
+
+    def rejoined() -> dict | None:
+        try:
+            status = books(sock)
+        except DaemonError:
+            return None  # not listening yet
+        states = {i["model"]: i["state"] for i in status["instances"]}
+        back = sorted(states) == ["smol-a", "smol-b"] and "disconnected" not in states.values()
+        return status if back else None
+
+    assert wait_until(rejoined), books(sock)
+    (new,) = [p for p in psutil.Process(proc.pid).children() if "daemon" in p.cmdline()]
+    assert new.pid != old.pid
+    assert "vllm-mux: the daemon exited (-9); starting it again" in (tmp / "serve.log").read_text()
+    assert {m: complete(m) for m in ("smol-a", "smol-b")} == before
+    books(sock)
 
 
 def test_sigterm_leaves_no_process_behind(serve):
