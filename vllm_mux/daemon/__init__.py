@@ -3,7 +3,9 @@
 Its socket lives in a directory only its user can write: whoever could put a
 socket of their own at that path would get instances' names and keys and hand
 them memory of their choosing (the client also refuses a listener of another
-user, see client.py).
+user, see client.py). The daemon's books lie beside it (``<socket>.books``,
+0600), for the daemon started after it (see server.py): the same directory
+keeps them from other users.
 """
 
 import os
