@@ -319,3 +319,43 @@ def test_identity_is_the_uuid_nvidia_smi_shows(cuda):
     if shutil.which("nvidia-smi"):
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
         assert cuda.identity in listing, listing
+
+
+@needs_gpu
+def test_host_buffer_is_page_locked_and_exactly_its_size(cuda):
+    import torch
+
+    n = 3 * (1 << 20) + 5  # torch's pinned allocator would round this up to 4 MiB
+    holder = cuda.host_buffer(n)
+    host = holder.tensor
+    assert host.numel() == n and host.is_pinned()
+    host.fill_(7)
+    device = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+    device.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    assert int(device.sum()) == 7 * n
+
+
+@needs_gpu
+def test_segments_freed_while_loading_go_back_to_the_heap(cuda):
+    """A load that frees what it made (a dtype conversion): once the context
+    exits, the pool's empty segments are the heap's again."""
+    import torch
+
+    from vllm_mux.memory.arena import Arena
+    from vllm_mux.memory.heap import Heap
+
+    g = cuda.granularity
+    arena = Arena(cuda, 32 * g, g)
+    heap = Heap(arena, lambda n: arena.map([cuda.create(g) for _ in range(n)]))
+    allocating = cuda.allocating(heap)
+    try:
+        with allocating:
+            keep = torch.ones(12 * g, dtype=torch.uint8, device="cuda:0")  # own segments:
+            temporary = torch.ones(8 * g, dtype=torch.uint8, device="cuda:0")  # > 10 MiB
+            del temporary
+        assert heap.live_bytes == 12 * g, heap.live
+        assert int(keep.sum()) == 12 * g
+    finally:
+        torch.cuda.synchronize()
+        arena.close()

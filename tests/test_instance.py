@@ -161,3 +161,46 @@ def test_the_private_budget_is_on_the_books(tmp_path):
         client.close()
     finally:
         daemon.stop()
+
+
+def open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("fails, at", [("import", 2), ("copy", 1)])
+def test_a_wake_whose_import_or_copy_fails_leaks_no_chunk_or_fd(instance, monkeypatch, fails, at):
+    """Every chunk received is released and every fd closed, whichever step
+    of the wake fails: on CUDA an open fd or handle pins the memory."""
+    inst, watcher = instance
+    monkeypatch.setattr("vllm_mux.instance.WAKE_PIECE", 2 * CHUNK)  # several pieces
+    tensors = weights()
+    expected = [t.clone() for t in tensors]
+    inst.adopt_weights(tensors)
+    inst.sleep()
+    before = open_fds()
+    calls = []
+    name = "import_" if fails == "import" else "copy_in"
+    real = getattr(inst.backend, name)
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == at:
+            if fails == "import":
+                import os
+
+                os.close(args[0])  # import_ owns its fd, failing or not
+            raise OSError(5, f"injected: {fails} failed")
+        return real(*args)
+
+    monkeypatch.setattr(inst.backend, name, fails_once)
+    with pytest.raises(OSError, match="injected"):
+        inst.wake()
+    assert inst.asleep and held(watcher) == 0
+    assert open_fds() == before, "a received fd or a chunk's fd stayed open"
+    monkeypatch.setattr(inst.backend, name, real)
+    inst.wake()
+    for t, e in zip(tensors, expected):
+        assert torch.equal(t, e)
+    assert held(watcher) == inst.weights.size // CHUNK

@@ -26,6 +26,7 @@ model's tensors and run vLLM's KV-cache allocation inside ``allocations()``.
 """
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -118,7 +119,7 @@ class Instance:
                 ids, fds = self._lease(chunks)
                 # Ours on the books from now on, mapped or not: _release_all returns them.
                 self.leases[id(arena)] += ids
-                arena.map([self.backend.import_(fd, self.chunk_size) for fd in fds])
+                arena.map(self._import(fds))
 
     @contextlib.contextmanager
     def loading(self):
@@ -133,6 +134,11 @@ class Instance:
         if self.heap is None:
             self.heap = Heap(self.weights, lambda n: self._grow(self.weights, n))
             self._allocating = self.backend.allocating(self.heap)
+        # No garbage collection inside torch's allocator while it calls our
+        # malloc (which may wait on the daemon): a collection that frees a
+        # device tensor there would enter the allocator again.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with self._allocating:
                 yield
@@ -141,6 +147,9 @@ class Instance:
             if error is None:
                 raise
             raise RuntimeError(f"vllm-mux: no leased memory for the weights: {error}") from e
+        finally:
+            if collecting:
+                gc.enable()
 
     @torch.no_grad()
     def adopt_weights(self, tensors: list[torch.Tensor]) -> int:
@@ -148,13 +157,16 @@ class Instance:
         then keep one host copy of the arena for waking.
 
         A tensor already in the arena (loaded inside ``loading()``) stays; any
-        other has its ``.data`` replaced by a view of leased memory with the
-        same shape, dtype and strides, and the memory it was loaded into is
-        freed. Returns the bytes of the arena in use.
+        other on this device has its ``.data`` replaced by a view of leased
+        memory with the same shape, dtype and strides, and the memory it was
+        loaded into is freed. Tensors on another device (host buffers, weights
+        offloaded to the CPU) stay where they are. Returns the bytes of the
+        arena in use.
         """
         if self.asleep:
             raise RuntimeError("vllm-mux: weights cannot change while asleep; wake first")
-        tensors = [t for t in _unique(tensors) if t.numel() > 0]
+        here = self.backend.device_type
+        tensors = [t for t in _unique(tensors) if t.numel() > 0 and t.device.type == here]
         outside = [t for t in tensors if not self._in_weights(t)]
         spans = [_span(t) for t in outside]
         total = sum(spans) + 256 * len(spans)
@@ -165,8 +177,9 @@ class Instance:
             t.data = dst
         used = self.weights.view()
         if self.host is None or self.host.numel() != used.numel():
-            pinned = self.backend.device_type != "cpu"  # page-locked for full-speed DMA
-            self.host = torch.empty(used.numel(), dtype=torch.uint8, pin_memory=pinned)
+            self.host = None  # the old buffer goes before the new one is made
+            self._host_buffer = self.backend.host_buffer(used.numel())  # page-locked on a GPU
+            self.host = self._host_buffer.tensor
         self.host.copy_(used)
         tensor_bytes = sum(t.untyped_storage().nbytes() for t in _unique_storages(tensors))
         self.loaded = {
@@ -175,6 +188,7 @@ class Instance:
             "tensor_bytes": tensor_bytes,
             "arena_bytes": self.weights.used,
             "heap_hole_bytes": self.heap.hole_bytes if self.heap else 0,
+            "segment_free_bytes": getattr(self._allocating, "segment_free_bytes", 0),
         }
         self._set_state("awake")
         log.info(
@@ -191,11 +205,8 @@ class Instance:
         self.adopt_weights(tensors)
 
     def _in_weights(self, t: torch.Tensor) -> bool:
-        start = t.untyped_storage().data_ptr()
-        base = self.weights.base
-        return (
-            t.device.type == self.backend.device_type and base <= start < base + self.weights.used
-        )
+        start, base = t.untyped_storage().data_ptr(), self.weights.base
+        return base <= start < base + self.weights.used
 
     def plain_copy(self) -> float:
         """Seconds to copy the host copy into ordinary device memory: the peer
@@ -249,7 +260,7 @@ class Instance:
                 ids, fds = self._lease(n + self.kv_cache.size // self.chunk_size)
                 self.leases[id(self.weights)] += ids[:n]  # ours on the books, mapped or not
                 self.leases[id(self.kv_cache)] += ids[n:]
-                chunks = [self.backend.import_(fd, self.chunk_size) for fd in fds]
+                chunks = self._import(fds)
                 map_seconds = self._map_and_copy(chunks[:n], chunks[n:])
                 self.kv_cache.map(chunks[n:])
                 copying = time.perf_counter()
@@ -274,24 +285,40 @@ class Instance:
     def _map_and_copy(self, chunks: list, rest: list) -> float:
         """Map the weights' chunks a piece at a time, starting each piece's copy
         from the host as soon as it is mapped (the backend copies on a side
-        stream where it can). If a map fails, the chunks not yet mapped, and
-        ``rest``, are released. Returns the seconds spent mapping."""
+        stream where it can). If a map or a copy fails, the chunks not yet
+        mapped, and ``rest``, are released (the mapped ones are the arena's).
+        Returns the seconds spent mapping."""
         per = max(1, WAKE_PIECE // self.chunk_size)
         copied, mapping = 0, 0.0
         for i in range(0, len(chunks), per):
-            started = time.perf_counter()
             try:
+                started = time.perf_counter()
                 self.weights.map(chunks[i : i + per])
+                mapping += time.perf_counter() - started
+                end = min(self.weights.mapped, self.weights.used)
+                if end > copied:
+                    self.backend.copy_in(self.weights.base + copied, self.host[copied:end])
+                    copied = end
             except BaseException:
                 for chunk in chunks[i + per :] + rest:
                     self.backend.release(chunk)
                 raise
-            mapping += time.perf_counter() - started
-            end = min(self.weights.mapped, self.weights.used)
-            if end > copied:
-                self.backend.copy_in(self.weights.base + copied, self.host[copied:end])
-                copied = end
         return mapping
+
+    def _import(self, fds: list[int]) -> list:
+        """Chunks for received fds; if one fails, those imported are released
+        and the fds not reached are closed."""
+        chunks = []
+        try:
+            for fd in fds:
+                chunks.append(self.backend.import_(fd, self.chunk_size))  # owns fd, even failing
+        except BaseException:
+            for chunk in chunks:
+                self.backend.release(chunk)
+            for fd in fds[len(chunks) + 1 :]:
+                os.close(fd)
+            raise
+        return chunks
 
     def _release_all(self) -> None:
         """Unmap everything, then hand it all back in one message: the instance

@@ -572,11 +572,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from vllm_mux.memory import default_chunk_size
+
     cuda = args.device.startswith("cuda")
     args.size = args.size or ("full" if cuda else "small")
     args.wake_bytes = args.wake_bytes or (16_400_000_000 if cuda else 64 << 20)
     args.kv_bytes = args.kv_bytes or ((8 << 30) if cuda else 16 << 20)
-    args.chunk_sizes = args.chunk_sizes or ([32 << 20, 256 << 20] if cuda else [2 << 20])
+    args.chunk_sizes = args.chunk_sizes or (
+        [default_chunk_size(args.device)] if cuda else [2 << 20]
+    )
     return orchestrate(args)
 
 

@@ -135,6 +135,12 @@ class Backend:
         (``Instance.adopt_weights``)."""
         return contextlib.nullcontext()
 
+    def host_buffer(self, nbytes: int):
+        """A host tensor of ``nbytes`` to keep a copy of the weights in."""
+        import torch
+
+        return _HostBuffer(torch.empty(nbytes, dtype=torch.uint8))
+
     def copy_in(self, addr: int, host) -> None:
         """Copy the host tensor ``host`` to ``addr`` (synchronous on CPU)."""
         self.tensor(addr, host.numel()).copy_(host)
@@ -146,3 +152,10 @@ class Backend:
         if nbytes == 0:  # frombuffer refuses an empty buffer
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr), dtype=torch.uint8)
+
+
+@dataclass
+class _HostBuffer:
+    """What ``host_buffer`` returns on every backend: a holder with ``.tensor``."""
+
+    tensor: object

@@ -325,6 +325,13 @@ class Backend:
         with torch.cuda.stream(self._stream):
             self.tensor(addr, host.numel()).copy_(host, non_blocking=True)
 
+    def host_buffer(self, nbytes: int):
+        """A page-locked host tensor of exactly ``nbytes`` (torch's pinned
+        allocator rounds up to a power of two: 32 GiB for a 17 GiB model).
+        Anonymous memory registered with the driver; unregistered when the
+        returned holder goes."""
+        return _PinnedHost(nbytes, self)
+
     def allocating(self, heap):
         """A context routing this thread's new CUDA tensors to ``heap``.
 
@@ -359,7 +366,16 @@ class Backend:
 
 
 class _Allocating:
-    """``Backend.allocating``'s context: a MemPool whose segments come from a Heap."""
+    """``Backend.allocating``'s context: a MemPool whose segments come from a Heap.
+
+    Each entry makes a new pool, and its exit gives the heap every segment of
+    that pool left with nothing allocated (what a load freed: a checkpoint
+    converted to another dtype, weights repacked). torch never releases a live
+    pool's free segments itself (pytorch#145168), so without this they would
+    stay leased and be copied on every wake. A trimmed pool is never allocated
+    from again, since torch still counts those segments as its own; the pools
+    stay alive for the tensors they hold.
+    """
 
     def __init__(self, heap, index: int):
         import torch
@@ -368,7 +384,9 @@ class _Allocating:
         self.error: BaseException | None = None  # why the last malloc said no
         self._callbacks = (_MALLOC(self._malloc), _FREE(self._free))  # kept alive
         malloc, free = (ctypes.cast(c, ctypes.c_void_p).value for c in self._callbacks)
-        self.pool = torch.cuda.MemPool(allocator=torch._C._cuda_customAllocator(malloc, free))
+        self._allocator = torch._C._cuda_customAllocator(malloc, free)
+        self.pools: list = []
+        self.segment_free_bytes = 0  # free space inside segments still in use
         self._using = None
 
     def _malloc(self, size: int, device: int, stream) -> int:
@@ -391,11 +409,53 @@ class _Allocating:
     def __enter__(self):
         import torch
 
+        if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower():
+            raise RuntimeError(
+                "vllm-mux: PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which "
+                "torch's pools over a pluggable allocator do not support "
+                "(pytorch#147851); unset it"
+            )
         self.error = None
-        self._using = torch.cuda.use_mem_pool(self.pool, device=self.index)
+        self.pools.append(torch.cuda.MemPool(allocator=self._allocator))
+        self._using = torch.cuda.use_mem_pool(self.pools[-1], device=self.index)
         self._using.__enter__()
         return self
 
     def __exit__(self, *exc):
         using, self._using = self._using, None
-        return using.__exit__(*exc)
+        try:
+            return using.__exit__(*exc)
+        finally:
+            self._trim(self.pools[-1])
+
+    def _trim(self, pool) -> None:
+        import torch
+
+        torch.cuda.synchronize(self.index)  # nothing in flight reads a freed block
+        self.segment_free_bytes = 0
+        for segment in pool.snapshot():
+            if segment["allocated_size"] == 0:
+                self.heap.free(segment["address"])
+            else:
+                self.segment_free_bytes += segment["total_size"] - segment["allocated_size"]
+
+
+class _PinnedHost:
+    """``nbytes`` of page-locked host memory; ``.tensor`` is a uint8 view of it."""
+
+    def __init__(self, nbytes: int, backend: "Backend"):
+        import mmap
+
+        import torch
+
+        self._map = mmap.mmap(-1, nbytes)
+        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._ptr = self.tensor.data_ptr()
+        with backend._current():
+            _check(driver.cuMemHostRegister(self._ptr, nbytes, 0), "cuMemHostRegister")
+        self._backend = backend
+
+    def __del__(self):
+        if getattr(self, "_backend", None) is not None:
+            with self._backend._current():
+                driver.cuMemHostUnregister(self._ptr)
