@@ -44,35 +44,25 @@ backend hook for the weights/KV allocation context and for memory accounting
 import logging
 import os
 
+from vllm_mux.patches.worker_targets import SHARED_TARGETS
+
 log = logging.getLogger("vllm_mux.patches.gpu_worker")
 
 DEFAULT_PRIVATE_MEMORY = 4 << 30
 
-# Upstream symbols this patch replaces or relies on -> sha256 of their source.
+# Upstream symbols this patch replaces or relies on -> sha256 of their source:
+# those of the shared worker methods, and the CUDA worker's own.
 TARGETS = {
-    "vllm.v1.worker.gpu_worker.Worker.load_model": "350a4fb01458c532",
-    "vllm.v1.worker.gpu_worker.Worker._maybe_get_memory_pool_context": "c6dca1b30ec89d3e",
-    "vllm.v1.worker.gpu_worker.Worker.initialize_from_config": "71b1fbd048077170",
+    **SHARED_TARGETS,
     "vllm.v1.worker.gpu_worker.Worker.init_device": "a45cd75063bc712f",
     "vllm.v1.worker.gpu_worker.Worker.determine_available_memory": "0fc4b7b2fa1ab9bf",
     "vllm.v1.worker.gpu_worker.Worker.compile_or_warm_up_model": "4cc9795229ca9497",
     "vllm.v1.worker.gpu_worker.Worker.sleep": "cd3cfcc4bb557629",
     "vllm.v1.worker.gpu_worker.Worker.wake_up": "1ce62bedec359f9e",
     "vllm.v1.worker.gpu_worker.Worker.sleep_mode_backend.fget": "6069ca4f1bfcb14e",
-    "vllm.v1.worker.gpu_worker.Worker.reload_weights": "2a950f95ebd5d37b",
-    "vllm.v1.worker.gpu_worker.Worker._start_weight_update": "84cf0a02567c0eb8",
-    "vllm.v1.worker.gpu_worker.Worker.finish_weight_update": "817e2efd3c4b6797",
-    "vllm.v1.worker.gpu_worker.Worker.update_weights": "a7103b1a7759efe5",
-    "vllm.v1.worker.gpu_worker.Worker.reset_weights": "64bdb53418d9f1bb",
-    "vllm.v1.worker.gpu_worker.Worker.compute_weight_checksums": "7872b35e1b34766c",
-    "vllm.v1.worker.gpu_worker.Worker.save_sharded_state": "f4dd7adac12e64fd",
-    "vllm.v1.worker.gpu_worker.Worker.save_tensorized_model": "4cfc3c36a706e6ad",
     "vllm.v1.worker.utils.request_memory": "e004ea68b5e96869",
-    "vllm.v1.worker.utils.allocate_kv_cache": "b1f3e24311485a09",
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.initialize_kv_cache_tensors": "81dd948e771ce8a5",  # noqa: E501
     "vllm.v1.worker.gpu.attn_utils.init_kv_cache": "955e085944fa68e8",
-    "vllm.v1.engine.core.EngineCore.sleep": "f08683c8b249ae7b",
-    "vllm.device_allocator.sleep_mode_backend.SleepModeBackendFactory": "8ce0e2b60c9eb67e",
     "vllm.device_allocator.sleep_mode_backend.SleepModeBackend": "ddd6cade32789d89",
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner.load_model": "9508e8f41530563d",
     "vllm.compilation.cudagraph_pool.capture_pool": "0b9fdf1b348faa37",
