@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from vllm_mux.bench import gpu
+from vllm_mux.bench import gpu, soak
 from vllm_mux.daemon import default_socket
 from vllm_mux.memory import default_chunk_size
 
@@ -154,9 +154,11 @@ def _bench(args) -> int:
 
 
 def _bench_gpu(args) -> int:
-    from vllm_mux.bench import gpu
-
     return gpu.run(args)
+
+
+def _bench_soak(args) -> int:
+    return soak.run(args)
 
 
 def _gib(n: int) -> str:
@@ -225,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     gpu.add_arguments(bp)
     bp.set_defaults(run=_bench_gpu)
+    bp = bsub.add_parser(
+        "soak", help="three models through serve under random faults; nothing may be lost"
+    )
+    soak.add_arguments(bp)
+    bp.set_defaults(run=_bench_soak)
 
     args = parser.parse_args(argv)
     return args.run(args)

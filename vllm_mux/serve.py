@@ -262,7 +262,15 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
         )
         print(f"vllm-mux: serving {len(running)} models on http://{config.host}:{config.port}")
         sys.stdout.flush()
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        # A stop waits for requests in flight, but not for ever: a stream that
+        # never ends would hold SIGTERM up for good.
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=30,
+        )
         return 0
     except KeyboardInterrupt:
         return 0

@@ -73,12 +73,8 @@ import psutil  # httpx and openai are imported where used: the CLI imports this 
 # back in 30 to 60 s), then sleep and wake, which any moment allows.
 FAULTS = ("daemon", "kill", "kill-worker", "sleep", "wake")
 # What --faults defaults to: every kind the system survives today.
-SUPPORTED = ("daemon", "kill", "sleep", "wake")
-NOT_SUPPORTED = {
-    "kill-worker": "loses requests today: until its server notices the dead engine and "
-    "exits (vLLM's watchdog, within 5 s), every request to the model gets vLLM's 500 "
-    "(EngineDeadError), not 503 + Retry-After; name it in --faults to inject it anyway",
-}
+SUPPORTED = FAULTS
+NOT_SUPPORTED: dict[str, str] = {}
 
 MODELS = ("soak-a", "soak-b", "soak-c")
 # 52 chunks of 32 MiB: two SmolLM2 instances at most (25 chunks each: its

@@ -9,11 +9,15 @@ client):
   wakes a sleeping instance and counts the request in flight. Upstream would
   queue a request for a sleeping engine until someone called ``/wake_up``.
   A wake that fails answers 503 (``GracefulHTTPError``) instead of a stack
-  trace; the next request tries again.
+  trace; the next request tries again. One whose engine dies under it (its
+  worker was killed) fails with a 503 too, in its stream if it has one.
 - ``sleep`` and ``wake_up``: upstream's ``/sleep`` and ``/wake_up`` go through
   the controller, so that its state stays the engine's state.
 And ``vllm.entrypoints.launchers.app.init_entrypoints_middleware``: also adds
-a middleware that puts ``Retry-After`` on 503 answers.
+a middleware that puts ``Retry-After`` on 503 answers, and a handler for
+``EngineDeadError`` (a request to an engine whose worker died) that answers
+503 instead of upstream's ``engine_error_handler``'s 500, stopping the server
+as upstream does, so that ``vllm-mux serve`` restarts it.
 Upstream: delete once vLLM wakes a sleeping engine on request (vllm#36753
 shows two wakes at once hanging) and exposes a hook for idle policy.
 """
@@ -29,11 +33,14 @@ TARGETS = {
     "vllm.v1.engine.async_llm.AsyncLLM.encode": "d118957480161971",
     "vllm.v1.engine.async_llm.AsyncLLM.sleep": "bb67106aaeca1cb7",
     "vllm.v1.engine.async_llm.AsyncLLM.wake_up": "5bcec2632c8c4fe9",
+    "vllm.entrypoints.serve.exception_handling.handlers.vllm_error.engine_error_handler": "33ab4b4cab55742e",  # noqa: E501
+    "vllm.entrypoints.launchers.launcher.terminate_if_errored": "be01d1ccb65c4097",
     "vllm.entrypoints.serve.middleware.register.init_entrypoints_middleware": "583c2958f2eb48d0",
     "vllm.entrypoints.launchers.app.build_app": "6438b7e524cb0b4f",
 }
 
 RETRY_AFTER_S = 5
+ENGINE_DEAD = "the model's engine died; it is being restarted, try again"
 
 
 def apply() -> None:
@@ -42,6 +49,7 @@ def apply() -> None:
     from vllm.entrypoints.launchers import app as launcher_app
     from vllm.exceptions import GracefulHTTPError
     from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.exceptions import EngineDeadError
 
     from vllm_mux.controller import DEFAULT_IDLE_TTL, Controller, WakeError
 
@@ -88,6 +96,8 @@ def apply() -> None:
                         yield output
             except WakeError as e:
                 raise Unavailable(str(e)) from e
+            except EngineDeadError as e:  # mid-request: a 503 (in the stream, if one)
+                raise Unavailable(ENGINE_DEAD) from e
 
         through_controller.__name__ = upstream.__name__
         return through_controller
@@ -114,6 +124,7 @@ def apply() -> None:
     def init_entrypoints_middleware(args, app, supported_tasks, *rest, **kwargs):
         upstream_middleware(args, app, supported_tasks, *rest, **kwargs)
         app.add_middleware(RetryAfter)
+        app.add_exception_handler(EngineDeadError, engine_dead)
 
     launcher_app.init_entrypoints_middleware = init_entrypoints_middleware
 
@@ -138,3 +149,16 @@ class RetryAfter:
             await send(message)
 
         await self.app(scope, receive, send_with_retry_after)
+
+
+async def engine_dead(request, exc):
+    """A request to an engine that died (its worker was killed): 503, which
+    RetryAfter completes, instead of upstream's 500, since ``vllm-mux serve``
+    restarts the instance. Upstream's handler also stops the server, so that
+    its supervisor notices: so does this one."""
+    from starlette.responses import JSONResponse
+    from vllm.entrypoints.launchers.launcher import terminate_if_errored
+
+    terminate_if_errored(server=request.app.state.server, engine=request.app.state.engine_client)
+    error = {"message": ENGINE_DEAD, "type": "ServiceUnavailableError", "param": None, "code": 503}
+    return JSONResponse({"error": error}, status_code=503)
