@@ -264,6 +264,11 @@ def phase_model(args) -> dict:
     scribbler.stdin.close()
     scribbler.wait()
     inst.sleep()
+    books = inst.client.status()
+    (me,) = [i for i in books["instances"] if i["model"] == "kit-llama"]
+    balanced = books["leased_chunks"] + books["free_chunks"] == books["total_chunks"]
+    if not (books["balanced"] and balanced and me["chunks"] == 0):
+        failures.append(f"the books do not balance after the cycles: {books}")
     inst.client.close()
     return {
         "pid": os.getpid(),
