@@ -111,6 +111,20 @@ class LiveDaemon:
         self.thread.join(2)  # a daemon thread: a hang here is caught by its own test
 
 
+@pytest.fixture
+def children():
+    """Popen objects appended here are SIGKILLed at teardown, their pipes closed."""
+    procs = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream:
+                stream.close()
+
+
 def assert_books_balance(status: dict) -> None:
     """The one invariant: leased + free = total, a sleeping instance holds nothing."""
     assert status["balanced"]

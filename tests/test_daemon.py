@@ -89,20 +89,6 @@ def live(sock_path):
         d.stop()
 
 
-@pytest.fixture
-def children():
-    """Popen objects appended here are SIGKILLed at teardown."""
-    procs = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-        for stream in (p.stdin, p.stdout, p.stderr):
-            if stream:
-                stream.close()
-
-
 def close_fds(fds):
     for fd in fds:
         os.close(fd)

@@ -62,18 +62,6 @@ def live(path):
             os.close(chunk.fd)
 
 
-@pytest.fixture
-def children():
-    procs = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-        if p.stdout:
-            p.stdout.close()
-
-
 def raw(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.settimeout(30)
