@@ -30,6 +30,13 @@ from vllm_mux.router.app import Upstream
 ATTEMPTS = 3  # starts in a row that may fail before a model is marked failed
 MAX_BACKOFF_S = 60  # the longest wait before a start: 1, 2, 4, ... seconds
 STABLE_S = 60  # a server up this long before it died starts again without delay growth
+
+
+def backoff(streak: int) -> int:
+    """Seconds before the next start after ``streak`` deaths in a row: 1, 2, 4 ..."""
+    return min(MAX_BACKOFF_S, 2 ** (streak - 1))
+
+
 LOG_TAIL = 2000  # characters of a failed model's log shown in /v1/models
 
 
@@ -97,7 +104,7 @@ class DaemonKeeper:
             if time.monotonic() - self.ready_at > STABLE_S:
                 self.streak = 0
             self.streak += 1
-            delay = min(MAX_BACKOFF_S, 2 ** (self.streak - 1))
+            delay = backoff(self.streak)
             print(
                 f"vllm-mux: the daemon exited ({code}); starting it again in {delay} s (log: "
                 f"{self.process.log_path}); the models serve on and will reconnect to it",
@@ -142,7 +149,7 @@ class Keeper:
         name = self.model.name
         for attempt in range(1, ATTEMPTS + 1):
             if self.streak:
-                delay = min(MAX_BACKOFF_S, 2 ** (self.streak - 1))
+                delay = backoff(self.streak)
                 print(f"vllm-mux: starting {name} again in {delay} s", flush=True)
                 if self.stopping.wait(delay):
                     return False
