@@ -402,3 +402,18 @@ def test_pin_and_unpin_do_nothing_on_cpu():
         assert be.unpin(base) is None
     finally:
         be.free(base, HUGE_PAGE)
+
+
+def test_pages_bench_runs_small(monkeypatch):
+    """``vllm_mux.bench.pages`` on a few MiB: every kind here measured, 4k always."""
+    from vllm_mux.bench import pages
+
+    monkeypatch.delenv(cpu.ENV, raising=False)
+    r = pages.run(size_bytes=3 * HUGE_PAGE, chunk_size=CS)
+    assert set(r["kinds"]) | set(r["unavailable"]) == set(PAGE_KINDS)
+    assert "4k" in r["kinds"]
+    for kind, m in r["kinds"].items():
+        assert m["pages"] == kind
+        assert m["wake_ms"] > 0 and m["plain_copy_ms"] > 0 and m["ratio"] > 0
+        assert sum(m["chunks_made"].values()) == 2  # 6 MiB in chunks of 4 MiB
+    assert r["kinds"]["4k"]["huge_mapped_fraction"] == 0
