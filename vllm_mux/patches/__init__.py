@@ -14,7 +14,15 @@ import inspect
 VLLM_VERSION = "0.32.0"
 
 # Module names, in the order they are applied.
-PATCHES = ["cpu_sleep_mode", "cpu_gemm", "cpu_worker", "gpu_worker", "idle_spin", "async_llm"]
+PATCHES = [
+    "cpu_sleep_mode",
+    "cpu_gemm",
+    "cpu_worker",
+    "gpu_worker",
+    "idle_spin",
+    "async_llm",
+    "engine_core",
+]
 
 
 def modules():
