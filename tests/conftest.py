@@ -1,6 +1,8 @@
 """Shared fixtures: the bundled model, a daemon, vLLM servers, the books."""
 
+import os
 import threading
+import time
 
 import httpx
 import pytest
@@ -74,7 +76,13 @@ class LiveDaemon:
     """A Daemon served from a thread of this process."""
 
     def __init__(
-        self, path: str, chunks: int, chunk_size: int, wait_timeout: float = 0.5, backend=None
+        self,
+        path: str,
+        chunks: int,
+        chunk_size: int,
+        wait_timeout: float = 0.5,
+        backend=None,
+        host_memory: int | None = None,
     ):
         self.path = path
         # A lease that does not fit waits for holders to sleep; where nobody
@@ -86,6 +94,7 @@ class LiveDaemon:
             chunk_size,
             path,
             wait_timeout=wait_timeout,
+            host_memory=host_memory,
         )
         self.daemon.listen()
         self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
@@ -111,6 +120,26 @@ class LiveDaemon:
         self.thread.join(2)  # a daemon thread: a hang here is caught by its own test
 
 
+def take_chunks(socket_path: str, n: int) -> None:
+    """Another instance leases ``n`` chunks of a daemon served from this
+    process and hands them back: whatever sleeper's bytes they held are gone
+    (a lease takes chunks that hold nobody's bytes first). Returns once the
+    daemon's thread for it has ended, its fds closed."""
+    threads = threading.active_count()
+    thief = Client(socket_path, timeout=10)
+    try:
+        thief.hello("thief", key=f"thief-{time.monotonic()}")
+        ids, fds = thief.lease(n)
+        for fd in fds:
+            os.close(fd)
+        thief.release(ids)
+    finally:
+        thief.close()
+    deadline = time.monotonic() + PATIENCE_S
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def children():
     """Popen objects appended here are SIGKILLed at teardown, their pipes closed."""
@@ -126,7 +155,9 @@ def children():
 
 
 def assert_books_balance(status: dict) -> None:
-    """The one invariant: leased + free = total, a sleeping instance holds nothing."""
+    """The one invariant: leased + free = total, a sleeping instance holds
+    nothing; and the host tier's: used + free = budget, never more than the
+    budget, each copy counted once and used by the instances it names."""
     assert status["balanced"]
     held = sum(i["chunks"] for i in status["instances"])
     assert status["leased_chunks"] == held
@@ -134,6 +165,15 @@ def assert_books_balance(status: dict) -> None:
     for i in status["instances"]:
         if i["state"] == "asleep":
             assert i["chunks"] == 0, i
+    assert status["host_balanced"]
+    copies = status["host_copies"]
+    assert status["host_used"] == sum(c["size"] for c in copies) <= status["host_budget"]
+    assert status["host_used"] + status["host_free"] == status["host_budget"]
+    assert len({c["digest"] for c in copies}) == len(copies)
+    users = {i["id"]: set(i["host_copy"]) for i in status["instances"]}
+    for c in copies:
+        for u in c["users"]:
+            assert c["digest"] in users[u], (c, users)
 
 
 @pytest.fixture

@@ -2,10 +2,12 @@
 weights come back byte for byte at the same addresses, and a wake that fails
 half way ends asleep holding nothing."""
 
+import os
+
 import pytest
 import torch
 
-from conftest import LiveDaemon, assert_books_balance
+from conftest import LiveDaemon, assert_books_balance, take_chunks
 from vllm_mux.daemon.client import Client, DaemonError
 from vllm_mux.instance import Instance
 
@@ -105,8 +107,10 @@ def test_weights_copied_back_in_pieces_while_mapping(instance, monkeypatch):
         lambda addr, host: copies.append(host.numel()) or real_copy_in(addr, host),
     )
     inst.sleep()
+    take_chunks(inst.socket_path, 16)  # every chunk: the sleeper's bytes are gone
     inst.wake()
     assert len(copies) == inst.weights.size // CHUNK and sum(copies) == inst.weights.used
+    assert inst.last_wake["tier"] == "host" and inst.last_wake["chunks_kept"] == 0
     for t, e in zip(tensors, expected):
         assert torch.equal(t, e)
     assert held(watcher) == inst.weights.size // CHUNK
@@ -164,9 +168,16 @@ def test_the_private_budget_is_on_the_books(tmp_path):
 
 
 def open_fds() -> int:
-    import os
-
-    return len(os.listdir("/proc/self/fd"))
+    """Chunk fds open in this process (the daemon's, served from here, and
+    ours): others (an earlier test's daemon closing its pidfds as its threads
+    wind down) come and go on their own."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += "vllm-mux-chunk" in os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # the listing's own fd
+            pass
+    return count
 
 
 @pytest.mark.parametrize("fails, at", [("import", 2), ("copy", 1)])
@@ -179,6 +190,7 @@ def test_a_wake_whose_import_or_copy_fails_leaks_no_chunk_or_fd(instance, monkey
     expected = [t.clone() for t in tensors]
     inst.adopt_weights(tensors)
     inst.sleep()
+    take_chunks(inst.socket_path, 16)  # the wake must copy
     before = open_fds()
     calls = []
     name = "import_" if fails == "import" else "copy_in"

@@ -40,6 +40,7 @@ def _daemon(args) -> int:
             args.chunk_size,
             args.socket,
             wait_timeout=args.wait_timeout,
+            host_memory=args.host_memory,
         )
         daemon.listen()
     except (ValueError, ImportError, RuntimeError, OSError) as e:  # OSError: making the pool
@@ -58,6 +59,11 @@ def _daemon(args) -> int:
         args.device,
         args.socket,
         daemon.books_path,
+    )
+    logging.info(
+        "host memory for copies of weights: %s (--host-memory); chunks in %s",
+        _gib(daemon.host.budget),
+        getattr(device, "pages_description", "device memory"),
     )
     serving = threading.Thread(target=daemon.serve_forever)
     serving.start()
@@ -174,6 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-memory", type=parse_size, required=True, help="pool size, e.g. 8GiB")
     p.add_argument("--chunk-size", type=parse_size, help="default: 128MiB on cuda, 32MiB on cpu")
     p.add_argument("--socket", default=default_socket(), help="default: $VLLM_MUX_SOCKET")
+    p.add_argument(
+        "--host-memory",
+        type=parse_size,
+        help="host memory for the copies of weights sleeping models wake from (one per set of "
+        "identical weights); beyond it the least recently used sleeping model goes cold and "
+        "reloads from its files (default: half of the host's memory)",
+    )
     p.add_argument(
         "--wait-timeout",
         type=float,

@@ -20,6 +20,9 @@ log = logging.getLogger("vllm_mux.client")
 # long enough for a restart, an upgrade or serve's backoff; $VLLM_MUX_RECONNECT_S.
 RECONNECT_S = 600.0
 
+# The requests whose replies bring fds: chunks, or a host copy.
+_WITH_FDS = ("lease", "host_get", "host_filled")
+
 
 class DaemonError(RuntimeError):
     """The daemon refused a request, or cannot be reached."""
@@ -71,8 +74,8 @@ class Client:
         self._lock = threading.Lock()
 
     def call(self, op: str, fds: list[int] = (), **fields) -> tuple[dict, list[int]]:
-        """The daemon's reply, and its fds: only a lease's reply has any;
-        fds that come with another reply are closed here. ``fds`` go with the
+        """The daemon's reply, and its fds: only the replies of _WITH_FDS have
+        any; fds that come with another reply are closed here. ``fds`` go with the
         request (the caller still owns them)."""
         with self._lock:
             try:
@@ -82,7 +85,7 @@ class Client:
                 raise Disconnected(f"lost the daemon at {self.socket_path}: {e}") from None
         if reply is None:
             raise Disconnected(f"the daemon at {self.socket_path} closed the connection")
-        if op != "lease" or not reply.get("ok"):
+        if op not in _WITH_FDS or not reply.get("ok"):
             protocol.close_fds(fds)
             fds = []
         if not reply.get("ok"):
@@ -115,15 +118,43 @@ class Client:
 
     def lease(self, chunks: int) -> tuple[list[int], list[int]]:
         """Lease ``chunks`` chunks: their ids and one fd for each."""
-        reply, fds = self.call("lease", chunks=chunks)
-        ids = reply.get("ids")
-        if not isinstance(ids, list) or len(ids) != len(fds):
-            protocol.close_fds(fds)
-            raise DaemonError(f"a lease's reply came with {len(fds)} fds for ids {ids!r:.80}")
+        ids, fds, _ = self.lease_back(chunks)
         return ids, fds
 
-    def release(self, ids: list[int]) -> None:
-        self.call("release", ids=ids)
+    def lease_back(
+        self, chunks: int, want: list[int] = ()
+    ) -> tuple[list[int], list[int], set[int]]:
+        """Lease ``chunks`` chunks: their ids, one fd for each, and the ids of
+        those of ``want`` (chunks this instance slept on, in the order it
+        wants them back) that come back untouched, at their place in the list."""
+        reply, fds = self.call("lease", chunks=chunks, **({"want": list(want)} if want else {}))
+        ids, intact = reply.get("ids"), reply.get("intact", [])
+        if not isinstance(ids, list) or len(ids) != len(fds) or not isinstance(intact, list):
+            protocol.close_fds(fds)
+            raise DaemonError(f"a lease's reply came with {len(fds)} fds for ids {ids!r:.80}")
+        return ids, fds, set(intact)
+
+    def release(self, ids: list[int], keep: bool = False) -> None:
+        """Hand chunks back; ``keep``: they hold our bytes still (we sleep)."""
+        self.call("release", ids=ids, **({"keep": True} if keep else {}))
+
+    def host_get(self, digest: str, size: int, fill: bool, coldable: bool = True):
+        """The host copy of the weights named ``digest``: (reply, fd). The fd
+        maps it read-only, or, if the reply says ``fill``, it is new and ours
+        to fill, then ``host_filled``. (reply, None) if it is ``absent``."""
+        reply, fds = self.call("host_get", digest=digest, size=size, fill=fill, coldable=coldable)
+        return reply, _one_fd(fds)
+
+    def host_filled(self, digest: str) -> int:
+        """The daemon seals our filled copy, checks it and hands it back: the fd."""
+        reply, fds = self.call("host_filled", digest=digest)
+        fd = _one_fd(fds)
+        if fd is None:
+            raise DaemonError("the daemon sealed the host copy but sent no fd")
+        return fd
+
+    def host_release(self, digest: str) -> None:
+        self.call("host_release", digest=digest)
 
     def set_state(self, state: str, **facts) -> None:
         self.call("state", state=state, **facts)
@@ -140,6 +171,13 @@ class Client:
         except OSError:
             pass
         self.sock.close()
+
+
+def _one_fd(fds: list[int]) -> int | None:
+    if len(fds) > 1:
+        protocol.close_fds(fds)
+        raise DaemonError(f"a host copy came with {len(fds)} fds, not one")
+    return fds[0] if fds else None
 
 
 def reconnect(socket_path: str, hello, seconds: float) -> Client:

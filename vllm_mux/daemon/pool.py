@@ -3,6 +3,13 @@
 Pure bookkeeping, no I/O, so that every rule about ownership is in one place
 and unit-testable: a chunk is free or held by exactly one instance, and
 leased + free = total at every moment.
+
+A free chunk may still hold the bytes of the instance that slept on it (the
+warm tier): nobody maps a free chunk, so they stay until another instance
+takes it. A lease hands out chunks that hold nobody's bytes first, then those
+of the sleepers that slept longest ago; a waking instance names the chunks
+it slept on (``want``) and gets back every one still untouched, at the same
+place in its list, so that it copies only what it lost.
 """
 
 
@@ -16,17 +23,49 @@ class Pool:
         self.chunk_size = chunk_size
         self.free: list[int] = list(range(total_chunks))
         self.holder: dict[int, int] = {}  # chunk id -> instance id
+        # Free chunk id -> (instance whose bytes it still holds, when it slept).
+        self.kept: dict[int, tuple[int, int]] = {}
+        self._clock = 0
 
-    def lease(self, instance: int, n: int) -> list[int]:
+    def lease(self, instance: int, n: int, want: list[int] = ()) -> list[int]:
+        """``n`` free chunks. Where ``want[k]`` still holds this instance's
+        bytes, it is the k-th chunk granted; the others come from the free
+        chunks that hold nobody's bytes, then from the oldest sleepers'."""
         self.check(n)
         if n > len(self.free):
             raise PoolError(
                 f"asks for {n} chunks but only {len(self.free)} of {self.total} are free"
             )
-        ids, self.free = self.free[:n], self.free[n:]
+        if len(want) > n or len(set(want)) != len(want):
+            raise PoolError("want names at most as many chunks as asked for, each once")
+        mine = self.intact(instance, want)
+        ids = [i if i in mine else None for i in want]
+        ids += [None] * (n - len(ids))
+        taken = {i for i in ids if i is not None}
+        others = sorted(
+            (i for i in self.free if i not in taken),
+            key=lambda i: self.kept[i][1] if i in self.kept else -1,
+        )
+        others.reverse()  # pop() from the end: the best first
+        ids = [others.pop() if i is None else i for i in ids]
         for i in ids:
             self.holder[i] = instance
+            self.kept.pop(i, None)
+        taken = set(ids)
+        self.free = [i for i in self.free if i not in taken]
         return ids
+
+    def intact(self, instance: int, ids) -> set[int]:
+        """Those of ``ids`` that are free and still hold ``instance``'s bytes."""
+        return {i for i in ids if self.kept.get(i, (None,))[0] == instance}
+
+    def resident(self, instance: int) -> int:
+        """How many free chunks still hold ``instance``'s bytes."""
+        return sum(owner == instance for owner, _ in self.kept.values())
+
+    def forget(self, instance: int) -> None:
+        """Its bytes are of no use any more (it exited): its chunks hold nobody's."""
+        self.kept = {i: k for i, k in self.kept.items() if k[0] != instance}
 
     def hold(self, instance: int, ids: list[int]) -> None:
         """Mark these free chunks held by ``instance``: what a restarted daemon
@@ -38,6 +77,7 @@ class Pool:
             raise PoolError(f"chunks not free: {sorted(taken)[:8]}")
         for i in ids:
             self.holder[i] = instance
+            self.kept.pop(i, None)
         self.free = [i for i in self.free if i not in self.holder]
 
     def check(self, n: int) -> None:
@@ -51,14 +91,19 @@ class Pool:
                 "daemon with a larger --device-memory or give the model less memory"
             )
 
-    def release(self, instance: int, ids: list[int]) -> None:
+    def release(self, instance: int, ids: list[int], keep: bool = False) -> None:
+        """Free ``ids``; ``keep``: they still hold the instance's bytes (it
+        sleeps on them), to give back untouched if nobody takes them."""
         if len(set(ids)) != len(ids):
             raise PoolError("release names a chunk twice")
         strangers = [i for i in ids if self.holder.get(i) != instance]
         if strangers:
             raise PoolError(f"release of chunks this instance does not hold: {strangers[:8]}")
+        self._clock += 1
         for i in ids:
             del self.holder[i]
+            if keep:
+                self.kept[i] = (instance, self._clock)
         self.free.extend(ids)
 
     def held_by(self, instance: int) -> list[int]:
@@ -74,7 +119,11 @@ class Pool:
         return len(self.holder)
 
     def balanced(self) -> bool:
-        return self.leased + len(self.free) == self.total and not set(self.free) & set(self.holder)
+        return (
+            self.leased + len(self.free) == self.total
+            and not set(self.free) & set(self.holder)
+            and set(self.kept) <= set(self.free)
+        )
 
 
 def _gib(nbytes: int) -> str:

@@ -50,7 +50,9 @@ from dataclasses import dataclass, field
 import msgspec
 
 from vllm_mux.daemon import fallback_dir, make_fallback_dir, protocol
+from vllm_mux.daemon.host import HostBooks, HostError, default_budget
 from vllm_mux.daemon.pool import Pool, PoolError
+from vllm_mux.memory import host as host_memory
 
 log = logging.getLogger("vllm_mux.daemon")
 
@@ -151,6 +153,7 @@ class Daemon:
         chunk_size: int,
         socket_path: str,
         wait_timeout: float = 120.0,
+        host_memory: int | None = None,
     ):
         if chunk_size <= 0:
             raise ValueError(f"the chunk size must be positive, not {chunk_size}")
@@ -174,6 +177,9 @@ class Daemon:
         # not reconnected yet.
         self.chunks: list = []
         self.pool = Pool(n, chunk_size)
+        # The host tier: one sealed copy per set of weights, a memfd each.
+        self.host = HostBooks(default_budget() if host_memory is None else host_memory)
+        self.host_fds: dict[str, int] = {}  # digest -> the copy's memfd
         self.instances: dict[int, Instance] = {}
         self.wait_timeout = wait_timeout
         self.hello_timeout = HELLO_TIMEOUT
@@ -548,17 +554,23 @@ class Daemon:
             n = message.get("chunks")
             if not isinstance(n, int) or isinstance(n, bool):
                 raise ValueError("lease names a whole number of chunks")
-            ids = self._lease(me, n)
-            return self._ok(ids=ids), [self.backend.export(self.chunks[i]) for i in ids]
+            want = message.get("want", [])
+            if not isinstance(want, list) or not all(type(i) is int for i in want):
+                raise ValueError("want names a list of chunk ids")
+            ids, intact = self._lease(me, n, want)
+            fds = [self.backend.export(self.chunks[i]) for i in ids]
+            return self._ok(ids=ids, intact=intact), fds
         if op == "release":
             ids = message.get("ids")
             if not isinstance(ids, list) or not all(type(i) is int for i in ids):
                 raise ValueError("release names a list of chunk ids")
             with self.lock:
-                self.pool.release(me.id, ids)
+                self.pool.release(me.id, ids, keep=message.get("keep") is True)
                 self._save()
                 self.changed.notify_all()
             return self._ok(), []
+        if op in ("host_get", "host_filled", "host_release"):
+            return self._host_op(op, message, me)
         if op == "state":
             state = message.get("state")
             if state not in STATES:
@@ -570,6 +582,7 @@ class Daemon:
                 me.sleeps += state == "asleep"
                 me.state = state
                 me.last_active = time.time()
+                self.changed.notify_all()  # a copy being dropped waits on its users' states
                 facts = message.get("wake") or message.get("sleep")
                 if isinstance(facts, dict) and isinstance(facts.get("seconds"), int | float):
                     if state == "awake":
@@ -579,6 +592,159 @@ class Daemon:
                         _observe(me.sleep_latency, facts["seconds"])
             return self._ok(), []
         raise ValueError(f"unknown op {op!r}")
+
+    # -- the host tier --
+
+    def _host_op(self, op: str, message: dict, me: Instance) -> tuple[dict, list[int]]:
+        digest = message.get("digest")
+        try:
+            if op == "host_get":
+                return self._host_get(me, digest, message)
+            if op == "host_filled":
+                return self._host_filled(me, digest)
+            with self.lock:
+                if self.host.release(me.id, digest):
+                    self._close_copy(digest)
+                self.changed.notify_all()
+            return self._ok(), []
+        except HostError as e:
+            raise ValueError(str(e)) from None
+
+    def _host_get(self, me: Instance, digest, message: dict) -> tuple[dict, list[int]]:
+        """The sealed copy of these bytes, shared; else, with ``fill``, a new
+        one for this instance to fill (room made by making the least recently
+        used sleeping models cold); else ``absent``."""
+        size, fill = message.get("size"), message.get("fill") is True
+        coldable = message.get("coldable", True) is not False
+        deadline = time.monotonic() + self.wait_timeout
+        tried: set[str] = set()  # copies whose users would not let them go
+        while True:
+            victim = None
+            with self.lock:
+                copy = self.host.take(me.id, digest)
+                if copy is not None:
+                    if copy.size != size:
+                        self.host.release(me.id, digest)
+                        raise HostError(f"the copy of these bytes is {copy.size} bytes, not {size}")
+                    copy.coldable = copy.coldable and coldable
+                    return self._ok(size=copy.size), [self.host_fds[digest]]
+                if digest not in self.host.copies:
+                    if not fill:
+                        return self._ok(absent=True), []
+                    try:
+                        copy = self.host.make(me.id, digest, size)
+                    except HostError as e:
+                        if size > self.host.budget or digest in self.host.copies:
+                            raise
+                        victims = [
+                            c
+                            for c in self.host.victims(size, self._asleep)
+                            if c.digest not in tried
+                        ]
+                        if not victims:
+                            raise HostError(
+                                f"no room for this model's weights in host memory: {e}, and "
+                                "every copy there is used by an awake instance"
+                            ) from None
+                        victim = victims[0]
+                    else:
+                        copy.coldable = coldable
+                if time.monotonic() > deadline:
+                    raise HostError("waited too long for a copy of these bytes to be filled")
+                if victim is None and copy is None:  # filled or dropped by others: wait
+                    self.changed.wait(0.25)
+                    continue
+            if victim is not None:
+                if not self._make_cold(victim):
+                    tried.add(victim.digest)
+                continue
+            return self._new_copy(me, digest, size)
+
+    def _new_copy(self, me: Instance, digest: str, size: int) -> tuple[dict, list[int]]:
+        """Make the memory of a copy the books now have (outside the lock: it
+        commits ``size`` bytes) and hand it to its filler."""
+        try:
+            fd = host_memory.create(size)
+        except OSError as e:
+            with self.lock:
+                self.host.release(me.id, digest)
+                self.changed.notify_all()
+            raise HostError(f"cannot make a host copy of {size} bytes: {e.strerror}") from None
+        with self.lock:
+            copy = self.host.copies.get(digest)
+            if copy is not None and me.id in copy.users:
+                self.host_fds[digest] = fd
+                return self._ok(fill=True, size=size), [fd]
+        os.close(fd)  # its filler exited meanwhile
+        raise HostError("the instance is gone")
+
+    def _host_filled(self, me: Instance, digest) -> tuple[dict, list[int]]:
+        """Seal a copy its filler has written and unmapped, check its bytes
+        are the ones named, and hand it back read-only: from now on it is
+        shared by every instance with these bytes."""
+        with self.lock:
+            copy = self.host.copies.get(digest)
+            if (
+                copy is None
+                or copy.sealed
+                or me.id not in copy.users
+                or digest not in self.host_fds
+            ):
+                raise HostError("no copy of these bytes is being filled by this instance")
+            fd = self.host_fds[digest]
+        try:
+            host_memory.seal(fd)
+        except OSError as e:
+            raise HostError(f"cannot seal the copy ({e.strerror}): unmap it first") from None
+        actual = host_memory.digest_fd(fd, copy.size)  # not under the lock: seconds per GB
+        with self.lock:
+            if actual != digest:
+                if self.host.release(me.id, digest):
+                    self._close_copy(digest)
+                self.changed.notify_all()
+                raise HostError(
+                    f"the bytes filled have digest {actual}, not the {digest} they were named by"
+                )
+            self.host.seal(me.id, digest)
+            self.changed.notify_all()
+            log.info("a host copy of %s's weights (%d bytes) is sealed", me.model, copy.size)
+            return self._ok(size=copy.size), [fd]
+
+    def _make_cold(self, copy) -> bool:
+        """Ask every user of ``copy`` (all asleep) to let it go, and wait until
+        they have: its memory is then free and their model is cold. False if
+        one wakes or does not answer in time: the copy stays."""
+        with self.lock:
+            copy.dropping = True
+            users = [self.instances[u] for u in copy.users if u in self.instances]
+        for user in users:
+            if user.controller is not None:
+                user.controller.ask("drop_host")
+        deadline = time.monotonic() + 2 * self.ask_timeout
+        with self.lock:
+            while copy.users and time.monotonic() < deadline:
+                if not all(map(self._asleep, copy.users)):
+                    break
+                self.changed.wait(0.25)
+            if copy.users:
+                copy.dropping = False
+                return False
+        log.warning(
+            "host memory full: dropped the copy of %s's weights (%d bytes); that model is cold",
+            ", ".join(sorted({u.model for u in users})),
+            copy.size,
+        )
+        return True
+
+    def _asleep(self, instance_id: int) -> bool:
+        inst = self.instances.get(instance_id)
+        return inst is not None and inst.connected and inst.state == "asleep"
+
+    def _close_copy(self, digest: str) -> None:
+        """The books freed a copy: free its memory (under the lock)."""
+        fd = self.host_fds.pop(digest, None)
+        if fd is not None:
+            os.close(fd)
 
     def _ok(self, **fields) -> dict:
         return {"ok": True, **fields}
@@ -605,8 +771,10 @@ class Daemon:
 
     # -- arbitration --
 
-    def _lease(self, me: Instance, n: int) -> list[int]:
-        """Grant ``n`` chunks, asking other instances to sleep if they do not fit.
+    def _lease(self, me: Instance, n: int, want: list[int] = ()) -> tuple[list[int], list[int]]:
+        """Grant ``n`` chunks, asking other instances to sleep if they do not fit;
+        ``want``: the chunks it slept on, given back where still untouched.
+        Returns the ids and those of them that were given back untouched.
 
         Waits up to ``wait_timeout``; leases are granted first come, first served,
         with one exception: an instance that is still starting (it holds chunks
@@ -630,7 +798,8 @@ class Daemon:
                 with self.lock:
                     starting = me.controller is None and self.pool.held_by(me.id)
                     if (self.waiters[0] == me.id or starting) and n <= len(self.pool.free):
-                        ids = self.pool.lease(me.id, n)
+                        intact = self.pool.intact(me.id, want)
+                        ids = self.pool.lease(me.id, n, want)
                         if not self._save():  # a lease the books do not show could be lost
                             self.pool.release(me.id, ids)
                             raise PoolError(
@@ -638,7 +807,7 @@ class Daemon:
                                 "lease is granted until they can be written (see its log)"
                             )
                         me.last_active = time.time()
-                        return ids
+                        return ids, sorted(intact)
                     first = self.waiters[0] == me.id
                     if _exited(me.pidfd):  # killed mid-wake: stop holding up the queue
                         raise PoolError("the instance exited while waiting for its lease")
@@ -755,6 +924,9 @@ class Daemon:
                     for i, chunk in fresh.items():
                         self.chunks[i] = chunk
                     returned = self.pool.release_all(me.id)
+                    self.pool.forget(me.id)
+                    for copy in self.host.release_all(me.id):
+                        self._close_copy(copy.digest)
                     del self.instances[me.id]
                     self._save()
                     self.changed.notify_all()
@@ -790,6 +962,8 @@ class Daemon:
                         "state": inst.state if inst.connected else "disconnected",
                         "chunks": held,
                         "bytes": held * size,
+                        "resident_chunks": self.pool.resident(inst.id),
+                        "host_copy": [c.digest for c in self.host.held_by(inst.id)],
                         "last_active": max(inst.last_active, report.get("last_active", 0)),
                         "in_flight": report.get("in_flight", 0),
                         "waiting": report.get("waiting", 0),
@@ -811,6 +985,20 @@ class Daemon:
                 free_chunks=len(self.pool.free),
                 leased_chunks=self.pool.leased,
                 balanced=self.pool.balanced(),
+                host_budget=self.host.budget,
+                host_used=self.host.used,
+                host_free=self.host.free,
+                host_balanced=self.host.balanced(),
+                host_copies=[
+                    {
+                        "digest": c.digest,
+                        "size": c.size,
+                        "users": sorted(c.users),
+                        "sealed": c.sealed,
+                        "coldable": c.coldable,
+                    }
+                    for c in self.host.copies.values()
+                ],
                 instances=instances,
             )
 
