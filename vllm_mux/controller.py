@@ -42,8 +42,12 @@ class WakeError(RuntimeError):
 
 
 class Controller:
-    def __init__(self, socket_path, key, sleep, wake_up, idle_ttl, pinned, loop, on_lost=None):
+    def __init__(
+        self, socket_path, key, sleep, wake_up, idle_ttl, pinned, loop, on_lost=None, drop_host=None
+    ):
         self._sleep, self._wake_up = sleep, wake_up  # the engine's own coroutines
+        # The engine's workers let their host copy go (the daemon needs the room).
+        self._drop_host = drop_host
         # What to do when the daemon is gone: stop this server (SIGTERM to self).
         self._on_lost = on_lost or (lambda: os.kill(os.getpid(), signal.SIGTERM))
         self.idle_ttl, self.pinned, self.loop = idle_ttl, pinned, loop
@@ -222,6 +226,11 @@ class Controller:
                 # "ok" tells the daemon this instance's memory is coming back.
                 if not self.draining:
                     asyncio.run_coroutine_threadsafe(self.sleep(), self.loop)
+                reply = {"ok": True}
+            elif op == "drop_host" and self._drop_host and self.state == "asleep":
+                # The worker tells the daemon when it has let the copy go, or
+                # wakes first (then the daemon keeps the copy).
+                asyncio.run_coroutine_threadsafe(self._drop_host(), self.loop)
                 reply = {"ok": True}
             else:
                 reply = {"ok": False, "error": f"cannot {op!r}"}

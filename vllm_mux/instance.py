@@ -47,6 +47,7 @@ from vllm_mux.daemon.client import (
     reconnect_seconds,
 )
 from vllm_mux.memory import backend as make_backend
+from vllm_mux.memory import host as host_memory
 from vllm_mux.memory.arena import Arena
 from vllm_mux.memory.heap import Heap
 
@@ -97,7 +98,17 @@ class Instance:
         # fill its page tables before the first request runs.
         self.kv_cache = Arena(self.backend, pool_bytes, self.chunk_size, prefault=False)
         self.leases: dict[int, list[int]] = {id(self.weights): [], id(self.kv_cache): []}
-        self.host: torch.Tensor | None = None  # host copy of the weights arena
+        # The host copy of the weights arena: the daemon's, shared with every
+        # instance whose arena holds the same bytes (named by their digest).
+        # None while cold: a wake then reloads the weights with ``reload``.
+        self.host: torch.Tensor | None = None
+        self.digest = ""
+        self._host: host_memory.Mapping | None = None
+        self.coldable = True  # False once the weights were updated: the files are stale
+        self.reload = None  # set by the worker: vLLM's loader, in place (a cold wake)
+        self._buffers: list = []  # (buffer, a host copy of it): what a reload does not load
+        self.slept_on: list[int] = []  # the chunks it last slept on, weights' then KV's
+        self.kv_intact = False  # the last wake got every KV-cache chunk back untouched
         self.asleep = False
         self.heap: Heap | None = None  # the weights arena's allocator while loading
         self._allocating = None  # the device's allocation context: owns its pool
@@ -116,7 +127,7 @@ class Instance:
     def _grow(self, arena: Arena, chunks: int) -> None:
         if chunks:
             with self._lock:
-                ids, fds = self._lease(chunks)
+                ids, fds, _ = self._lease(chunks)
                 # Ours on the books from now on, mapped or not: _release_all returns them.
                 self.leases[id(arena)] += ids
                 arena.map(self._import(fds))
@@ -152,9 +163,12 @@ class Instance:
                 gc.enable()
 
     @torch.no_grad()
-    def adopt_weights(self, tensors: list[torch.Tensor]) -> int:
+    def adopt_weights(self, tensors: list[torch.Tensor], buffers=()) -> int:
         """Make the weights arena hold these tensors (parameters and buffers),
-        then keep one host copy of the arena for waking.
+        then keep one host copy of the arena for waking: the daemon's, shared
+        with every instance whose arena holds the same bytes. ``buffers``,
+        those of the tensors the model's files do not hold, are also kept in
+        a private copy, for a cold wake to restore after reloading the files.
 
         A tensor already in the arena (loaded inside ``loading()``) stays; any
         other on this device has its ``.data`` replaced by a view of leased
@@ -171,16 +185,18 @@ class Instance:
         spans = [_span(t) for t in outside]
         total = sum(spans) + 256 * len(spans)
         self._grow(self.weights, self.weights.chunks_needed(total))
+        # Zeros between the tensors moved in, not whatever the chunks held:
+        # the arena's bytes name its host copy, shared by equal arenas.
+        self.backend.tensor(
+            self.weights.base + self.weights.used, self.weights.mapped - self.weights.used
+        ).zero_()
         for t, nbytes in zip(outside, spans):
             dst = self.weights.alloc(nbytes).view(t.dtype).as_strided(t.shape, t.stride())
             dst.copy_(t)
             t.data = dst
-        used = self.weights.view()
-        if self.host is None or self.host.numel() != used.numel():
-            self.host = None  # the old buffer goes before the new one is made
-            self._host_buffer = self.backend.host_buffer(used.numel())  # page-locked on a GPU
-            self.host = self._host_buffer.tensor
-        self.host.copy_(used)
+        kept = {id(b) for b in buffers}
+        self._buffers = [(t, t.to("cpu", copy=True)) for t in tensors if id(t) in kept]
+        self._keep_host_copy()
         tensor_bytes = sum(t.untyped_storage().nbytes() for t in _unique_storages(tensors))
         self.loaded = {
             "tensors": len(tensors),
@@ -200,9 +216,116 @@ class Instance:
         )
         return self.weights.used
 
-    def refresh_weights(self, tensors: list[torch.Tensor]) -> None:
-        """After a weight update: the new bytes become what a wake restores."""
-        self.adopt_weights(tensors)
+    def refresh_weights(self, tensors: list[torch.Tensor], buffers=()) -> None:
+        """After a weight update: the new bytes become what a wake restores,
+        and the model's files no longer say what they are: never cold."""
+        self.coldable = False
+        self.adopt_weights(tensors, buffers)
+
+    # -- the host copy --
+
+    def _keep_host_copy(self) -> None:
+        """Hold the daemon's host copy of the arena's bytes as they are now,
+        shared if another instance has the same bytes, else made and filled.
+        Without one (the host budget is full of awake models' copies) the
+        instance is cold: a wake after a sleep reloads from the files."""
+        used = self.weights.view()
+        digest = self._digest(used)
+        if digest == self.digest and self._host is not None:
+            return
+        self._drop_host_copy()
+        self.digest = digest
+        try:
+            self._take_host_copy(fill=True)
+        except DaemonError as e:
+            log.warning("vllm-mux: no host copy of the weights (%s): this model is cold", e)
+        if self._host is None and not self.coldable:
+            raise RuntimeError(
+                "vllm-mux: updated weights need a host copy, and the daemon has no room for "
+                "one: start it with a larger --host-memory"
+            )
+
+    def _take_host_copy(self, fill: bool) -> bool:
+        """Map the daemon's copy of ``self.digest``'s bytes, filling it first
+        if it is new (``fill``). False if there is none (and not ``fill``)."""
+        used = self.weights.view()
+        with self._lock:
+            reply, fd = self.client.host_get(self.digest, used.numel(), fill, self.coldable)
+        if fd is None:
+            return False
+        if reply.get("fill"):
+            try:
+                filling = host_memory.Mapping(fd, used.numel(), writable=True)
+            except OSError:
+                self._release_host(self.digest)
+                raise
+            try:
+                self.backend.pin(filling.addr, filling.size)
+                try:
+                    filling.tensor.copy_(used)
+                    self.backend.synchronize()
+                finally:
+                    self.backend.unpin(filling.addr)
+            finally:
+                filling.close()
+            with self._lock:
+                try:
+                    fd = self.client.host_filled(self.digest)
+                except DaemonError:
+                    self._release_host(self.digest)
+                    raise
+        mapping = host_memory.Mapping(fd, used.numel(), writable=False)
+        self.backend.pin(mapping.addr, mapping.size, read_only=True)
+        self._host, self.host = mapping, mapping.tensor
+        return True
+
+    def _drop_host_copy(self) -> None:
+        """Unmap the host copy and tell the daemon, which frees it once no
+        other instance maps it."""
+        mapping, self._host, self.host = self._host, None, None
+        if mapping is None:
+            return
+        self.backend.unpin(mapping.addr)
+        mapping.close()
+        self._release_host(self.digest)
+
+    def _release_host(self, digest: str) -> None:
+        with self._lock:
+            if self._up:
+                try:
+                    self.client.host_release(digest)
+                except Disconnected:
+                    self._hang_up()
+                except DaemonError as e:
+                    log.warning("vllm-mux: the daemon refused the host copy back: %s", e)
+
+    def drop_host(self) -> bool:
+        """Let the host copy go, asked by the daemon to make room: only while
+        asleep (then the model is cold). False if awake or waking."""
+        with self._lock:
+            if not (self.asleep and self.state == "asleep") or self._host is None:
+                return False
+            self._drop_host_copy()
+        log.info("vllm-mux: the daemon took the host copy back; this model is cold")
+        return True
+
+    def _digest(self, used: torch.Tensor) -> str:
+        """The digest of the arena's bytes (memory/host.py), read on several
+        threads: straight from the arena on the CPU, through a small host
+        buffer per thread from a device."""
+        if used.device.type == "cpu":
+            flat = used.numpy()
+            return host_memory.digest(used.numel(), lambda i, k: memoryview(flat[i : i + k]))
+        staging = threading.local()
+
+        def piece_at(i: int, k: int):
+            if not hasattr(staging, "holder"):
+                staging.holder = self.backend.host_buffer(host_memory.PIECE)
+            buffer = staging.holder.tensor[:k]
+            buffer.copy_(used[i : i + k])  # a device-to-host copy waits for its bytes
+            return memoryview(buffer.numpy())
+
+        return host_memory.digest(used.numel(), piece_at)
 
     def _in_weights(self, t: torch.Tensor) -> bool:
         start, base = t.untyped_storage().data_ptr(), self.weights.base
@@ -235,19 +358,26 @@ class Instance:
     # -- sleep and wake --
 
     def sleep(self) -> float:
-        """Unmap everything and hand every chunk back. Returns seconds taken."""
+        """Unmap everything and hand every chunk back, still holding our bytes
+        (the warm tier): a wake gets back those nobody took. Returns seconds."""
         if self.asleep:
             return 0.0
+        if self._host is None and not self.coldable:
+            raise RuntimeError(
+                "vllm-mux: not sleeping: the updated weights have no host copy to wake from"
+            )
         start = time.perf_counter()
         self._set_state("sleeping")
         self.asleep = True  # from the first unmap on: a wake must map again
-        self._release_all()
+        self._release_all(keep=True)
         seconds = time.perf_counter() - start
         self._set_state("asleep", sleep={"seconds": seconds})
         return seconds
 
     def wake(self) -> float:
-        """Lease chunks, map them at the old addresses, copy the weights in."""
+        """Lease chunks, asking for those we slept on; map them at the old
+        addresses; copy in from the host copy the weights of the chunks that
+        another instance took meanwhile, or, cold, reload them from the files."""
         if not self.asleep:
             return 0.0
         start = time.perf_counter()
@@ -257,14 +387,20 @@ class Instance:
                 # One lease for both arenas: two could each hold half of what
                 # two waking instances need and wait on each other.
                 n = self.weights.size // self.chunk_size
-                ids, fds = self._lease(n + self.kv_cache.size // self.chunk_size)
+                total = n + self.kv_cache.size // self.chunk_size
+                want = self.slept_on if len(self.slept_on) == total else []
+                ids, fds, intact = self._lease(total, want)
                 self.leases[id(self.weights)] += ids[:n]  # ours on the books, mapped or not
                 self.leases[id(self.kv_cache)] += ids[n:]
+                kept = [k < len(want) and i == want[k] and i in intact for k, i in enumerate(ids)]
                 chunks = self._import(fds)
-                map_seconds = self._map_and_copy(chunks[:n], chunks[n:])
+                map_seconds, copied = self._map_and_copy(chunks[:n], chunks[n:], kept[:n])
                 self.kv_cache.map(chunks[n:])
                 copying = time.perf_counter()
                 self.backend.synchronize()
+                reloaded = None
+                if self.host is None and not all(kept[:n]):
+                    reloaded = self._reload(kept[:n])
             except BaseException:
                 with contextlib.suppress(Exception):  # the first error is the one to tell
                     self._release_all()  # end asleep, holding nothing
@@ -272,38 +408,85 @@ class Instance:
                 raise
             done = time.perf_counter()
             self.asleep = False
+            self.kv_intact = all(kept[n:])
             facts = {
                 "seconds": done - start,
                 "map_seconds": map_seconds,
                 "copy_wait_seconds": done - copying,
                 "bytes": self.weights.used,
+                "copied_bytes": copied,
+                "chunks_kept": sum(kept),
+                "chunks": total,
+                "kv_intact": self.kv_intact,
+                "tier": _tier(kept[:n], reloaded),
             }
+            if reloaded:
+                facts.update(reloaded)
             self.last_wake = facts
             self._set_state("awake", wake=facts)
         return done - start
 
-    def _map_and_copy(self, chunks: list, rest: list) -> float:
+    def _map_and_copy(self, chunks: list, rest: list, kept: list[bool]) -> tuple[float, int]:
         """Map the weights' chunks a piece at a time, starting each piece's copy
         from the host as soon as it is mapped (the backend copies on a side
-        stream where it can). If a map or a copy fails, the chunks not yet
-        mapped, and ``rest``, are released (the mapped ones are the arena's).
-        Returns the seconds spent mapping."""
+        stream where it can): the bytes of every chunk not ``kept`` (another
+        instance used it, or it is not the one we slept on). If a map or a
+        copy fails, the chunks not yet mapped, and ``rest``, are released (the
+        mapped ones are the arena's). Returns the seconds spent mapping and
+        the bytes copied."""
         per = max(1, WAKE_PIECE // self.chunk_size)
-        copied, mapping = 0, 0.0
+        copied, mapping, size = 0, 0.0, self.chunk_size
         for i in range(0, len(chunks), per):
             try:
                 started = time.perf_counter()
                 self.weights.map(chunks[i : i + per])
                 mapping += time.perf_counter() - started
-                end = min(self.weights.mapped, self.weights.used)
-                if end > copied:
-                    self.backend.copy_in(self.weights.base + copied, self.host[copied:end])
-                    copied = end
+                for lo, hi in _runs(kept, i, min(i + per, len(chunks))):
+                    start, end = lo * size, min(hi * size, self.weights.used)
+                    if end > start and self.host is not None:
+                        self.backend.copy_in(self.weights.base + start, self.host[start:end])
+                        copied += end - start
             except BaseException:
                 for chunk in chunks[i + per :] + rest:
                     self.backend.release(chunk)
                 raise
-        return mapping
+        return mapping, copied
+
+    def _reload(self, kept: list[bool]) -> dict:
+        """A cold wake: the chunks we lost get their weights from the model's
+        files through vLLM's loader (``self.reload``), in place, and the
+        buffers the files do not hold from their private copy. Then the host
+        copy is made again, if the daemon has room."""
+        if self.reload is None:
+            raise RuntimeError(
+                "vllm-mux: this model is cold (its weights are in no host copy) and nothing "
+                "can reload them from its files"
+            )
+        started = time.perf_counter()
+        size = self.chunk_size
+        for lo, hi in _runs(kept, 0, len(kept)):  # zeros between tensors, as loaded
+            start, end = lo * size, min(hi * size, self.weights.used)
+            if end > start:
+                self.backend.tensor(self.weights.base + start, end - start).zero_()
+        self.reload()
+        with torch.no_grad():
+            for buffer, saved in self._buffers:
+                buffer.copy_(saved)
+        self.backend.synchronize()
+        reload_seconds = time.perf_counter() - started
+        before = self.digest
+        self.digest = self._digest(self.weights.view())
+        if self.digest != before:
+            log.warning(
+                "vllm-mux: the weights reloaded from the files differ from those loaded at "
+                "start in some byte (padding left by the loader?): they get a host copy of "
+                "their own"
+            )
+        try:
+            self._take_host_copy(fill=True)
+        except DaemonError as e:
+            log.info("vllm-mux: still no host copy after a cold wake (%s)", e)
+        return {"reload_seconds": reload_seconds, "same_bytes": self.digest == before}
 
     def _import(self, fds: list[int]) -> list:
         """Chunks for received fds; if one fails, those imported are released
@@ -320,19 +503,21 @@ class Instance:
             raise
         return chunks
 
-    def _release_all(self) -> None:
+    def _release_all(self, keep: bool = False) -> None:
         """Unmap everything, then hand it all back in one message: the instance
         that waits for these chunks starts its wake only once we are done.
-        While the daemon is away they go all the same: the hello that
-        reconnects names only the chunks still held."""
+        ``keep``: the chunks keep our bytes (we sleep on them) for a wake to
+        ask back. While the daemon is away they go all the same: the hello
+        that reconnects names only the chunks still held."""
         with self._lock:
             ids = []
             for arena in (self.weights, self.kv_cache):
                 arena.unmap()
                 ids += self.leases[id(arena)]
+            self.slept_on = ids if keep else []
             if ids and self._up:
                 try:
-                    self.client.release(ids)  # if refused, the ids stay ours to release
+                    self.client.release(ids, keep)  # if refused, the ids stay ours to release
                 except Disconnected:
                     self._hang_up()
             for arena in (self.weights, self.kv_cache):
@@ -340,15 +525,16 @@ class Instance:
 
     # -- the daemon, which may go away and come back --
 
-    def _lease(self, chunks: int) -> tuple[list[int], list[int]]:
-        """Ids and fds of ``chunks`` new chunks. While the daemon is away, wait
-        for it to come back, up to GAP_WAIT_S."""
+    def _lease(self, chunks: int, want: list[int] = ()) -> tuple[list[int], list[int], set]:
+        """Ids and fds of ``chunks`` chunks, and which of ``want`` came back
+        untouched. While the daemon is away, wait for it to come back, up to
+        GAP_WAIT_S."""
         since = None
         with self._lock:
             while True:
                 if self._up:
                     try:
-                        return self.client.lease(chunks)
+                        return self.client.lease_back(chunks, want)
                     except Disconnected:
                         self._hang_up()
                 if self.lost:
@@ -469,6 +655,27 @@ class _ArenaAllocations(TorchDispatchMode):
         if func is torch.ops.aten.zeros.default:
             tensor.zero_()
         return tensor
+
+
+def _tier(kept: list[bool], reloaded) -> str:
+    """What a wake woke from: its chunks untouched (warm), some (partial) or
+    none (host) of them, the rest copied from the host; or reloaded (cold)."""
+    if reloaded:
+        return "cold"
+    return "warm" if all(kept) else "partial" if any(kept) else "host"
+
+
+def _runs(kept: list[bool], lo: int, hi: int):
+    """The runs [a, b) of positions in [lo, hi) that are not ``kept``."""
+    start = None
+    for k in range(lo, hi):
+        if not kept[k] and start is None:
+            start = k
+        elif kept[k] and start is not None:
+            yield start, k
+            start = None
+    if start is not None:
+        yield start, hi
 
 
 def _wait_for_hangup(fd: int) -> None:

@@ -89,13 +89,28 @@ def register() -> None:
         SleepModeBackendFactory.register_backend(SLEEP_MODE_BACKEND, __name__, "SleepMode")
 
 
-def model_tensors(worker) -> list:
-    """Every parameter and buffer of the model and of a draft model, if any."""
-    tensors = []
+def model_tensors(worker) -> tuple[list, list]:
+    """Every parameter and buffer of the model and of a draft model, if any;
+    and the buffers alone (what a reload from the files does not restore)."""
+    tensors, buffers = [], []
     for model in (worker.model_runner.get_model(), worker.get_draft_model()):
         if model is not None:
             tensors += [*model.parameters(), *model.buffers()]
-    return tensors
+            buffers += list(model.buffers())
+    return tensors, buffers
+
+
+def reload_from_files(worker):
+    """What a cold wake runs: vLLM's own in-place reload of the weights from
+    the model's files (``model_runner.reload_weights``, the one behind
+    ``/reload_weights``), into the tensors where they already live."""
+
+    def reload() -> None:
+        if worker.get_draft_model() is not None:
+            raise RuntimeError("vllm-mux: a cold wake cannot reload a draft model's weights")
+        worker.model_runner.reload_weights()
+
+    return reload
 
 
 def kv_cache_budget(worker) -> int:
@@ -149,7 +164,9 @@ def install(cls) -> None:
                 "survive a sleep; run this model without the daemon (unset VLLM_MUX_SOCKET)"
             )
         upstream["load_model"](self, load_dummy_weights=load_dummy_weights)
-        instance(self).adopt_weights(model_tensors(self))
+        mux = instance(self)
+        mux.reload = None if load_dummy_weights else reload_from_files(self)
+        mux.adopt_weights(*model_tensors(self))
 
     def _maybe_get_memory_pool_context(self, tag: str):
         if tag == "weights":
@@ -182,7 +199,7 @@ def install(cls) -> None:
             _refuse_while_asleep(self, name.lstrip("_"))
             result = upstream[name](self, *args, **kwargs)
             if refresh:
-                instance(self).refresh_weights(model_tensors(self))
+                instance(self).refresh_weights(*model_tensors(self))
             return result
 
         method.__name__ = name
@@ -203,6 +220,15 @@ def install(cls) -> None:
             },
         }
 
+    def mux_kv_intact(self) -> bool:
+        """Whether the last wake got every KV-cache chunk back untouched:
+        then the prefix cache survived the sleep (patches/engine_core.py)."""
+        return _instance is not None and _instance.kv_intact
+
+    def mux_drop_host(self) -> bool:
+        """The daemon needs the host copy's memory: let it go if asleep."""
+        return _instance is not None and _instance.drop_host()
+
     def mux_plain_copy(self) -> float:
         """A plain copy of the weights' bytes from the same host buffer, for
         ``vllm-mux bench`` to set beside the wake it just measured. Its scratch
@@ -216,7 +242,7 @@ def install(cls) -> None:
 
     methods = [load_model, _maybe_get_memory_pool_context, sleep, wake_up]
     methods += [guarded(name, refresh) for name, refresh in GUARDED.items()]
-    for fn in (*methods, mux_tensor_addresses, mux_plain_copy):
+    for fn in (*methods, mux_tensor_addresses, mux_kv_intact, mux_drop_host, mux_plain_copy):
         setattr(cls, fn.__name__, fn)
 
 

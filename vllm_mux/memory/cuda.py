@@ -332,6 +332,20 @@ class Backend:
         returned holder goes."""
         return _PinnedHost(nbytes, self)
 
+    def pin(self, addr: int, nbytes: int, read_only: bool = False) -> None:
+        """Page-lock a host mapping (a host copy of weights) so that copies to
+        the device run at the host link's full speed: ``read_only`` for a
+        sealed copy mapped without write permission, which the driver would
+        otherwise refuse (CU_MEMHOSTREGISTER_READ_ONLY, CUDA 11.1+)."""
+        flags = driver.CU_MEMHOSTREGISTER_READ_ONLY if read_only else 0
+        with self._current():
+            _check(driver.cuMemHostRegister(addr, nbytes, int(flags)), "cuMemHostRegister")
+
+    def unpin(self, addr: int) -> None:
+        """Undo pin() before the mapping goes."""
+        with self._current():
+            _check(driver.cuMemHostUnregister(addr), "cuMemHostUnregister")
+
     def allocating(self, heap):
         """A context routing this thread's new CUDA tensors to ``heap``.
 

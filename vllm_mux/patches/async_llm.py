@@ -12,7 +12,9 @@ client):
   trace; the next request tries again. One whose engine dies under it (its
   worker was killed) fails with a 503 too, in its stream if it has one.
 - ``sleep`` and ``wake_up``: upstream's ``/sleep`` and ``/wake_up`` go through
-  the controller, so that its state stays the engine's state.
+  the controller, so that its state stays the engine's state. The controller
+  also reaches the workers through ``collective_rpc`` when the daemon takes a
+  sleeping model's host copy back (``mux_drop_host``, worker.py).
 And ``vllm.entrypoints.launchers.app.init_entrypoints_middleware``: also adds
 a middleware that puts ``Retry-After`` on 503 answers, and a handler for
 ``EngineDeadError`` (a request to an engine whose worker died) that answers
@@ -79,6 +81,7 @@ def apply() -> None:
             os.environ["VLLM_MUX_INSTANCE"],
             sleep=lambda **kw: upstream_sleep(self, **kw),
             wake_up=lambda: upstream_wake_up(self),
+            drop_host=lambda: self.collective_rpc("mux_drop_host"),
             idle_ttl=float(os.environ.get("VLLM_MUX_IDLE_TTL", DEFAULT_IDLE_TTL)),
             pinned=os.environ.get("VLLM_MUX_PINNED", "") not in ("", "0"),
             loop=loop,
