@@ -147,7 +147,8 @@ def _serve(args) -> int:
                 print(f"vllm-mux: --model takes NAME=SOURCE, not {spec!r}", file=sys.stderr)
                 return 2
             config.models.append(Model(name, source))
-    for key in ("device", "device_memory", "chunk_size", "host", "port", "api_key", "max_body"):
+    keys = ("device", "device_memory", "chunk_size", "host_memory", "host", "port", "api_key")
+    for key in (*keys, "max_body"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     return serve(config, args.socket, args.log_dir)
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device")
     p.add_argument("--device-memory")
     p.add_argument("--chunk-size")
+    p.add_argument("--host-memory", help="the daemon's --host-memory")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument(

@@ -4,6 +4,7 @@ In the spirit of llama-swap's single file::
 
     device: cpu
     device_memory: 2GiB
+    host_memory: 8GiB              # copies of weights to wake from (default: half the RAM)
     port: 8000
     max_body: 16MiB                # the largest request body the router takes
     models:
@@ -45,6 +46,7 @@ class Config:
     device: str = "cpu"
     device_memory: str = "2GiB"
     chunk_size: str | None = None
+    host_memory: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -52,6 +54,7 @@ class Config:
 
 
 _TOP = {"device": str, "device_memory": str, "chunk_size": str, "host": str, "port": int}
+_TOP |= {"host_memory": str}
 _TOP |= {"api_key": str, "max_body": str, "models": list}
 _MODEL = {"name": str, "source": str, "args": (list, dict), "idle_ttl": (int, float)}
 _MODEL |= {"pinned": bool, "cpu_cores": str}

@@ -75,6 +75,7 @@ class DaemonKeeper:
         self.config, self.socket_path, self.logs = config, socket_path, logs
         self.stopping, self.lock = stopping, lock
         self.args = ["--chunk-size", config.chunk_size] if config.chunk_size else []
+        self.args += ["--host-memory", config.host_memory] if config.host_memory else []
         self.process: DaemonProcess | None = None
         self.starts = 0  # daemons started, for the log's name
         self.streak = 0  # exits since one ran STABLE_S
