@@ -28,4 +28,11 @@ def test_the_kit_runs_on_cpu_and_every_check_passes(tmp_path):
     assert m["weights"]["moved"] == m["weights"]["tensors"], "on CPU every tensor is moved in"
     (wake,) = r["wake"]
     assert wake["bytes"] == 64 << 20 and wake["wake_ms"] > 0 and wake["plain_copy_ms"] > 0
+    # Each round woke warm (nothing taken), partial and from the host, as arranged.
+    assert wake["tiers_as_arranged"] and {t[1] for t in wake["tiers"]} == {
+        "warm",
+        "partial",
+        "host",
+    }
+    assert 0 < wake["partial_copied_bytes"] < wake["bytes"]
     assert "| model: cycles, failures | 4, 0" in (tmp_path / "results.md").read_text()

@@ -255,20 +255,27 @@ def phase_model(args) -> dict:
         scribbler.stdin.flush()
         scribbled += int(scribbler.stdout.readline())
         wakes.append(inst.wake())
-        if [t.data_ptr() for t in tensors] != pointers:
-            failures.append(f"cycle {cycle}: a data pointer moved")
-        if not torch.equal(inst.weights.view(), reference):
-            failures.append(f"cycle {cycle}: the weights differ from the loaded bytes")
+        failures += _check(inst, f"cycle {cycle}", "host", tensors, pointers, reference)
         if (got := decoder.generate()) != expected:
             failures.append(f"cycle {cycle}: tokens {got} != {expected}")
     scribbler.stdin.close()
     scribbler.wait()
+    inst.sleep()  # and a warm wake: nobody took its chunks
+    inst.wake()
+    failures += _check(inst, "warm wake", "warm", tensors, pointers, reference)
+    if inst.last_wake["copied_bytes"] or not inst.kv_intact:
+        failures.append(f"warm wake: copied or lost the KV cache: {inst.last_wake}")
+    if (got := decoder.generate()) != expected:
+        failures.append(f"warm wake: tokens {got} != {expected}")
     inst.sleep()
     books = inst.client.status()
     (me,) = [i for i in books["instances"] if i["model"] == "kit-llama"]
     balanced = books["leased_chunks"] + books["free_chunks"] == books["total_chunks"]
     if not (books["balanced"] and balanced and me["chunks"] == 0):
         failures.append(f"the books do not balance after the cycles: {books}")
+    copies = books["host_copies"]
+    if not (books["host_balanced"] and len(copies) == 1 and copies[0]["users"] == [me["id"]]):
+        failures.append(f"the host copy is not on the books as this instance's one: {copies}")
     inst.client.close()
     return {
         "pid": os.getpid(),
@@ -284,8 +291,39 @@ def phase_model(args) -> dict:
         "sleep_ms_median": statistics.median(sleeps) * 1e3,
         "sleep_ms_max": max(sleeps) * 1e3,
         "wake_ms_median": statistics.median(wakes) * 1e3,
+        "warm_wake_ms": inst.last_wake["seconds"] * 1e3,
         "asleep": asleep_memory,
     }
+
+
+def _check(inst, when: str, tier: str, tensors, pointers, reference) -> list[str]:
+    """What must hold after every wake, as failures."""
+    import torch
+
+    failures = []
+    if inst.last_wake.get("tier") != tier:
+        failures.append(f"{when}: woke from {inst.last_wake.get('tier')}, not {tier}")
+    if [t.data_ptr() for t in tensors] != pointers:
+        failures.append(f"{when}: a data pointer moved")
+    if not torch.equal(inst.weights.view(), reference):
+        failures.append(f"{when}: the weights differ from the loaded bytes")
+    return failures
+
+
+def _take(socket: str, n: int) -> None:
+    """Another instance leases ``n`` chunks and hands them back: a sleeper's
+    bytes in them count as lost (leases take chunks that hold nobody's first)."""
+    from vllm_mux.daemon.client import Client
+
+    thief = Client(socket)
+    try:
+        thief.hello("kit-thief", key=f"kit-thief-{time.monotonic()}")
+        ids, fds = thief.lease(n)
+        for fd in fds:
+            os.close(fd)
+        thief.release(ids)
+    finally:
+        thief.close()
 
 
 def phase_wake(args) -> dict:
@@ -309,17 +347,39 @@ def phase_wake(args) -> dict:
     inst.adopt_weights(tensors)
     with inst.allocations():  # a KV cache: unmapped by every sleep, mapped by every wake
         kv = torch.zeros(args.kv_bytes, dtype=torch.uint8, device=device)
-    rounds = []
+    rounds, tiers = [], []
+    total = inst.client.status()["total_chunks"]
+    half = inst.weights.size // inst.chunk_size // 2
     for _ in range(args.rounds):
-        sleep_s = inst.sleep()
-        wake_s = inst.wake()
+        times = {}
+        for tier, taken in (("warm", 0), ("partial", total - half), ("host", total)):
+            sleep_s = inst.sleep()
+            if taken:
+                _take(args.socket, taken)
+            times[tier] = inst.wake()
+            tiers.append((tier, inst.last_wake["tier"], inst.last_wake["copied_bytes"]))
         map_s = inst.last_wake["map_seconds"]
-        rounds.append({"sleep": sleep_s, "wake": wake_s, "map": map_s, "plain": inst.plain_copy()})
+        rounds.append(
+            {
+                "sleep": sleep_s,
+                "wake": times["host"],
+                "warm": times["warm"],
+                "partial": times["partial"],
+                "map": map_s,
+                "plain": inst.plain_copy(),
+            }
+        )
     inst.sleep()
     inst.client.close()
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     nbytes = inst.loaded["arena_bytes"]
+    partial_copied = statistics.median(c for want, _, c in tiers if want == "partial")
     return {
+        "tiers_as_arranged": all(want == got for want, got, _ in tiers),
+        "tiers": tiers,
+        "warm_wake_ms": med["warm"] * 1e3,
+        "partial_wake_ms": med["partial"] * 1e3,
+        "partial_copied_bytes": partial_copied,
         "bytes": nbytes,
         "kv_bytes": kv.numel(),
         "chunk_size": inst.chunk_size,
@@ -473,6 +533,8 @@ def _verdict(r: dict, cuda: bool) -> dict:
         if "error" in w:
             failed.append(f"wake benchmark ({w})")
         else:
+            if not w["tiers_as_arranged"]:
+                failed.append(f"wake tiers not as arranged: {w['tiers']}")
             key = f"chunk {w['chunk_size'] >> 20} MiB"
             goals[key] = {
                 "wake/plain copy >= 0.90": w["wake_vs_plain_copy"] >= 0.90,
@@ -523,8 +585,9 @@ def _markdown(r: dict) -> str:
             f"{'; '.join(m['failures'][:3])} |",
             "| model: bytes overwritten by another process | "
             f"{m['bytes_overwritten_by_other_process']} |",
-            f"| model: sleep ms median / max, wake ms median | {m['sleep_ms_median']:.2f} / "
-            f"{m['sleep_ms_max']:.2f}, {m['wake_ms_median']:.1f} |",
+            f"| model: sleep ms median / max, wake ms median (host), warm wake ms | "
+            f"{m['sleep_ms_median']:.2f} / {m['sleep_ms_max']:.2f}, {m['wake_ms_median']:.1f}, "
+            f"{m['warm_wake_ms']:.1f} |",
             f"| memory while asleep (this process) | {json.dumps(m['asleep'])} |",
         ]
         smi = m["asleep"].get("nvidia_smi_mib_by_pid", {})
@@ -547,6 +610,9 @@ def _markdown(r: dict) -> str:
             f"{w['plain_copy_gbps']:.1f} GB/s) |",
             f"| sleep ms (weights and KV), map ms per GiB (chunk {w['chunk_size'] >> 20} MiB) | "
             f"{w['sleep_ms']:.2f}, {w['map_ms_per_gib']:.2f} |",
+            f"| warm wake (nothing taken) / partial wake ({w['partial_copied_bytes'] / 1e9:.2f} "
+            f"GB copied) / host wake ms | {w['warm_wake_ms']:.1f} / {w['partial_wake_ms']:.1f} / "
+            f"{w['wake_ms']:.1f} |",
         ]
     lines += ["", f"goals: `{json.dumps(r['verdict']['goals'])}`", f"took {r['seconds']:.0f} s", ""]
     return "\n".join(lines)

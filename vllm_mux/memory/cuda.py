@@ -53,6 +53,8 @@ _MALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctype
 _FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
 
 _POSIX_FD = driver.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+# cuda.h: #define CU_MEMHOSTREGISTER_READ_ONLY 0x08 (CUDA 11.1+)
+_HOST_READ_ONLY = getattr(driver, "CU_MEMHOSTREGISTER_READ_ONLY", 0x08)
 
 
 def _error(err) -> str:
@@ -337,7 +339,7 @@ class Backend:
         the device run at the host link's full speed: ``read_only`` for a
         sealed copy mapped without write permission, which the driver would
         otherwise refuse (CU_MEMHOSTREGISTER_READ_ONLY, CUDA 11.1+)."""
-        flags = driver.CU_MEMHOSTREGISTER_READ_ONLY if read_only else 0
+        flags = _HOST_READ_ONLY if read_only else 0
         with self._current():
             _check(driver.cuMemHostRegister(addr, nbytes, int(flags)), "cuMemHostRegister")
 
