@@ -359,3 +359,32 @@ def test_segments_freed_while_loading_go_back_to_the_heap(cuda):
     finally:
         torch.cuda.synchronize()
         arena.close()
+
+
+@needs_gpu
+def test_a_sealed_host_copy_mapped_read_only_is_page_locked_and_copies_in(cuda):
+    """The host tier on CUDA: the daemon's sealed memfd, mapped read-only by
+    an instance, registered with the driver as read-only (a plain
+    registration of a read-only mapping fails), copies to the device."""
+    import torch
+
+    from vllm_mux.memory import host
+
+    size = 8 << 20
+    fd = host.create(size)
+    try:
+        os.pwrite(fd, bytes(range(256)) * (size // 256), 0)
+        host.seal(fd)
+        mapping = host.Mapping(os.dup(fd), size, writable=False)
+    finally:
+        os.close(fd)
+    cuda.pin(mapping.addr, size, read_only=True)
+    try:
+        assert mapping.tensor.is_pinned()  # the driver knows it as page-locked
+        device = torch.empty(size, dtype=torch.uint8, device="cuda")
+        device.copy_(mapping.tensor, non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(device.cpu(), mapping.tensor)
+    finally:
+        cuda.unpin(mapping.addr)
+        mapping.close()
