@@ -369,6 +369,7 @@ class Instance:
         start = time.perf_counter()
         self._set_state("sleeping")
         self.asleep = True  # from the first unmap on: a wake must map again
+        self.kv_intact = False  # until a wake gets the KV cache back untouched
         self._release_all(keep=True)
         seconds = time.perf_counter() - start
         self._set_state("asleep", sleep={"seconds": seconds})
@@ -507,8 +508,10 @@ class Instance:
         """Unmap everything, then hand it all back in one message: the instance
         that waits for these chunks starts its wake only once we are done.
         ``keep``: the chunks keep our bytes (we sleep on them) for a wake to
-        ask back. While the daemon is away they go all the same: the hello
-        that reconnects names only the chunks still held."""
+        ask back; the weights' come first in the list, so that another
+        instance takes the KV cache's first (see daemon/pool.py). While the
+        daemon is away they go all the same: the hello that reconnects names
+        only the chunks still held."""
         with self._lock:
             ids = []
             for arena in (self.weights, self.kv_cache):

@@ -7,7 +7,10 @@ leased + free = total at every moment.
 A free chunk may still hold the bytes of the instance that slept on it (the
 warm tier): nobody maps a free chunk, so they stay until another instance
 takes it. A lease hands out chunks that hold nobody's bytes first, then those
-of the sleepers that slept longest ago; a waking instance names the chunks
+of the sleepers that slept longest ago, each sleeper's from the end of the
+list it released (an instance lists its weights before its KV cache: losing
+a KV chunk costs a prefix cache, losing a weights chunk a copy); a waking
+instance names the chunks
 it slept on (``want``) and gets back every one still untouched, at the same
 place in its list, so that it copies only what it lost.
 """
@@ -23,8 +26,9 @@ class Pool:
         self.chunk_size = chunk_size
         self.free: list[int] = list(range(total_chunks))
         self.holder: dict[int, int] = {}  # chunk id -> instance id
-        # Free chunk id -> (instance whose bytes it still holds, when it slept).
-        self.kept: dict[int, tuple[int, int]] = {}
+        # Free chunk id -> (instance whose bytes it still holds, when it
+        # slept, its place in the list released).
+        self.kept: dict[int, tuple[int, int, int]] = {}
         self._clock = 0
 
     def lease(self, instance: int, n: int, want: list[int] = ()) -> list[int]:
@@ -44,7 +48,7 @@ class Pool:
         taken = {i for i in ids if i is not None}
         others = sorted(
             (i for i in self.free if i not in taken),
-            key=lambda i: self.kept[i][1] if i in self.kept else -1,
+            key=lambda i: (self.kept[i][1], -self.kept[i][2]) if i in self.kept else (-1, 0),
         )
         others.reverse()  # pop() from the end: the best first
         ids = [others.pop() if i is None else i for i in ids]
@@ -61,7 +65,7 @@ class Pool:
 
     def resident(self, instance: int) -> int:
         """How many free chunks still hold ``instance``'s bytes."""
-        return sum(owner == instance for owner, _ in self.kept.values())
+        return sum(k[0] == instance for k in self.kept.values())
 
     def forget(self, instance: int) -> None:
         """Its bytes are of no use any more (it exited): its chunks hold nobody's."""
@@ -100,10 +104,10 @@ class Pool:
         if strangers:
             raise PoolError(f"release of chunks this instance does not hold: {strangers[:8]}")
         self._clock += 1
-        for i in ids:
+        for place, i in enumerate(ids):
             del self.holder[i]
             if keep:
-                self.kept[i] = (instance, self._clock)
+                self.kept[i] = (instance, self._clock, place)
         self.free.extend(ids)
 
     def held_by(self, instance: int) -> list[int]:
