@@ -71,7 +71,13 @@ def test_answers_addresses_and_books_across_five_cycles(mux):
         assert status["free_chunks"] == status["total_chunks"]
         assert_unmapped(pid, addresses["arenas"]["weights"])
         assert_unmapped(pid, addresses["arenas"]["kv_cache"])
-        assert shmem_rss(pid) < 16 << 20  # leased memory is gone from the process
+        # Leased memory is gone from the process: no chunk is mapped, and the
+        # shared memory it still maps is the host copy (read-only) it wakes from.
+        maps = mapped_ranges(pid)
+        assert not [m for m in maps if "vllm-mux-chunk" in m[3]]
+        copies = [m for m in maps if "vllm-mux-host-copy" in m[3]]
+        assert [m[2] for m in copies] == ["r--s"]
+        assert shmem_rss(pid) < sum(end - start for start, end, _, _ in copies) + (16 << 20)
 
         server.wake_up()
         status = daemon.status()
