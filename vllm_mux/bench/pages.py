@@ -7,7 +7,13 @@ with prefault, copy a host buffer of ``size_bytes`` into them) against its
 peer, a plain copy of the same bytes from the same host buffer into
 ordinary, already-faulted memory (a torch tensor ``copy_``), the peer the
 instance's wake is measured against. ratio = plain copy seconds / wake
-seconds, best of 5 each (higher is better; the goal is 0.85). No vLLM needed.
+seconds, best of 5 each (higher is better; the goal is 0.85), the kinds
+measured in turn within each round. No vLLM needed::
+
+    python -m vllm_mux.bench.pages [--size-bytes N] [--chunk-size N] [--rounds N]
+
+The "4k" kind is the backend with huge pages off (``VLLM_MUX_HUGE_PAGES=0``).
+``map_ms`` is the wake's reserve + import + map part: page-table work.
 """
 
 import contextlib
@@ -76,31 +82,15 @@ def _wake(backend, fds: list, chunk_size: int, host) -> tuple[float, float, int]
     return done - start, mapped - start, huge
 
 
-def measure(backend, host, chunk_size: int, rounds: int = ROUNDS) -> dict:
-    """Wake against plain copy for one backend, ``rounds`` alternating rounds."""
-    nbytes = host.numel()
-    n = -(-nbytes // chunk_size)
-    chunks = []
-    try:
-        for _ in range(n):
-            chunks.append(backend.create(chunk_size))
-        wakes, maps, plains, huge = [], [], [], 0
-        for _ in range(rounds):
-            plains.append(_plain_copy(host))
-            wake, map_s, huge = _wake(backend, [os.dup(c.fd) for c in chunks], chunk_size, host)
-            wakes.append(wake)
-            maps.append(map_s)
-    finally:
-        for c in chunks:
-            backend.destroy(c)
-    wake, plain = min(wakes), min(plains)
+def _summary(backend, chunks: list, samples: dict, nbytes: int, chunk_size: int) -> dict:
+    wake, plain = min(samples["wake"]), min(samples["plain"])
     return {
         "pages": backend.pages,
         "description": backend.pages_description,
         "chunks_made": dict(Counter(c.pages for c in chunks)),
-        "huge_mapped_fraction": round(huge / (n * chunk_size), 3),
+        "huge_mapped_fraction": round(samples["huge"] / (len(chunks) * chunk_size), 3),
         "wake_ms": round(wake * 1e3, 2),
-        "map_ms": round(min(maps) * 1e3, 2),
+        "map_ms": round(min(samples["map"]) * 1e3, 2),
         "plain_copy_ms": round(plain * 1e3, 2),
         "wake_gbps": round(nbytes / wake / 1e9, 2),
         "plain_copy_gbps": round(nbytes / plain / 1e9, 2),
@@ -109,25 +99,51 @@ def measure(backend, host, chunk_size: int, rounds: int = ROUNDS) -> dict:
     }
 
 
-def run(size_bytes: int = 512 << 20, chunk_size: int = 32 << 20) -> dict:
-    """Measure every page kind obtainable here; see the module docstring."""
+def run(size_bytes: int = 512 << 20, chunk_size: int = 32 << 20, rounds: int = ROUNDS) -> dict:
+    """Measure every page kind obtainable here; see the module docstring.
+    Each round measures every kind, a plain copy then a wake, so a load that
+    comes and goes on the host falls on all of them alike."""
     import torch
 
     host = torch.randint(0, 256, (size_bytes,), dtype=torch.uint8)  # faulted, not zeros
     result = {
         "size_bytes": size_bytes,
         "chunk_size": chunk_size,
-        "rounds": ROUNDS,
+        "rounds": rounds,
         "goal": GOAL,
         "host": host_facts(),
         "kinds": {},
         "unavailable": {},
     }
+    backends = {}
     for kind, backend in available().items():
         if isinstance(backend, str):
             result["unavailable"][kind] = backend
         else:
-            result["kinds"][kind] = measure(backend, host, chunk_size)
+            backends[kind] = backend
+    n = -(-size_bytes // chunk_size)
+    chunks = {kind: [] for kind in backends}
+    try:
+        for kind, backend in backends.items():
+            for _ in range(n):
+                chunks[kind].append(backend.create(chunk_size))
+        samples = {kind: {"wake": [], "map": [], "plain": [], "huge": 0} for kind in backends}
+        for _ in range(rounds):
+            for kind, backend in backends.items():
+                s = samples[kind]
+                s["plain"].append(_plain_copy(host))
+                fds = [os.dup(c.fd) for c in chunks[kind]]
+                wake, map_s, s["huge"] = _wake(backend, fds, chunk_size, host)
+                s["wake"].append(wake)
+                s["map"].append(map_s)
+        for kind, backend in backends.items():
+            result["kinds"][kind] = _summary(
+                backend, chunks[kind], samples[kind], size_bytes, chunk_size
+            )
+    finally:
+        for kind, made in chunks.items():
+            for c in made:
+                backends[kind].destroy(c)
     return result
 
 
@@ -137,9 +153,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-bytes", type=int, default=512 << 20)
     p.add_argument("--chunk-size", type=int, default=32 << 20)
+    p.add_argument("--rounds", type=int, default=ROUNDS)
     args = p.parse_args(argv)
     with contextlib.suppress(BrokenPipeError):
-        print(json.dumps(run(args.size_bytes, args.chunk_size), indent=2))
+        print(json.dumps(run(args.size_bytes, args.chunk_size, args.rounds), indent=2))
     return 0
 
 
