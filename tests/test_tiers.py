@@ -309,3 +309,22 @@ def test_bad_tier_requests_get_a_clear_error(daemon, message, error):
         c.call(op, **message)
     assert_books_balance(daemon.status())
     c.close()
+
+
+def test_status_shows_what_a_sleeper_still_has_on_the_device_and_the_host(daemon, capsys):
+    from vllm_mux import cli
+
+    inst = Instance(daemon.path, "sleeper", key="s")
+    inst.adopt_weights(weights())
+    inst.sleep()
+    take_chunks(daemon.path, POOL - inst.weights.size // CHUNK + 1)  # one of its chunks
+    assert cli.main(["status", "--socket", daemon.path]) == 0
+    out = capsys.readouterr().out
+    assert "RESIDENT" in out and "in 1 (shared by 1 instances)" in out
+    (line,) = [x for x in out.splitlines() if "sleeper" in x]
+    assert line.split()[3:6] == ["asleep", "0", str(inst.weights.size // CHUNK - 1)]
+    inst._drop_host_copy()
+    assert cli.main(["status", "--socket", daemon.path]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "sleeper" in x]
+    assert line.split()[3:5] == ["asleep", "cold"]
+    inst.client.close()

@@ -91,14 +91,23 @@ def _status(args) -> int:
         f"device {status['device']}: {_gib(total * size)} in {total} chunks of "
         f"{size / 2**20:g} MiB, {_gib(free * size)} free"
     )
-    header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "MEMORY", "PRIVATE", "RUN", "WAIT")
-    row = "{:>3}  {:>7}  {:<20} {:<12} {:>6} {:>10} {:>10} {:>4} {:>4} {:>6}  {:<12} {}"
-    print(row.format(*header, "WAKES", "LAST WAKE", "LAST ACTIVE"))
+    copies = status.get("host_copies", [])
+    print(
+        f"host: {_gib(status['host_budget'])} for copies of weights, {_gib(status['host_used'])} "
+        f"in {len(copies)} (shared by {sum(len(c['users']) for c in copies)} instances)"
+    )
+    header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "RESIDENT", "MEMORY", "PRIVATE", "RUN")
+    row = "{:>3}  {:>7}  {:<20} {:<12} {:>6} {:>8} {:>10} {:>10} {:>4} {:>4} {:>6}  {:<16} {}"
+    print(row.format(*header, "WAIT", "WAKES", "LAST WAKE", "LAST ACTIVE"))
     now = time.time()
     for i in status["instances"]:
         wake = i.get("last_wake") or {}
         last_wake = f"{wake['seconds'] * 1000:.0f} ms" if wake else "-"
+        if wake.get("tier"):
+            last_wake += f" {wake['tier']}"
         state = i["state"] + (" pinned" if i.get("pinned") else "")
+        if i["state"] == "asleep" and not i.get("host_copy"):
+            state += " cold"  # its weights are in no host copy: a wake reloads them
         print(
             row.format(
                 i["id"],
@@ -106,6 +115,7 @@ def _status(args) -> int:
                 i["model"],
                 state,
                 i["chunks"],
+                i.get("resident_chunks", 0) if i["state"] == "asleep" else "-",
                 _gib(i["bytes"]),
                 _gib(i["private_bytes"]) if i.get("private_bytes") else "-",
                 i.get("in_flight", 0),
