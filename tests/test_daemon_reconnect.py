@@ -71,9 +71,13 @@ def restart(tmp_path):
             procs[-1].proc.kill()
             procs[-1].proc.wait()
 
-        def second(self, chunks=TOTAL):
+        def second(self, chunks=TOTAL, host_memory=None):
             backend = Counting()
-            lives.append(LiveDaemon(path, chunks, CHUNK, wait_timeout=1, backend=backend))
+            lives.append(
+                LiveDaemon(
+                    path, chunks, CHUNK, wait_timeout=1, backend=backend, host_memory=host_memory
+                )
+            )
             return lives[-1], backend
 
         def instance(self, model: str) -> Instance:
@@ -510,3 +514,38 @@ def test_on_cuda_held_chunks_live_through_the_instances_handles(tmp_path):
             inst.client.close()
         for p in procs:
             p.stop()
+
+
+@pytest.mark.parametrize("budget", [None, CHUNK], ids=["room", "no room"])
+def test_a_restarted_daemon_takes_the_host_copies_over_or_the_model_goes_cold(restart, budget):
+    """Two instances share one host copy the first daemon made; the daemon
+    after it puts that copy (the same memfd) on its books with both users, or,
+    with no room in its budget, both let it go: the asleep one wakes cold."""
+    restart.first()
+    a, b = restart.instance("a"), restart.instance("b")
+    ta, expected = loaded(a, 2.5, seed=1)
+    loaded(b, 2.5, seed=1)
+    a.sleep()
+    inode = os.fstat(a._host.fd).st_ino
+    restart.kill()
+    daemon, _ = restart.second(host_memory=budget)
+    status = wait_for(lambda: reconnected(daemon, "a", "b"))
+    assert status, daemon.status()
+    assert_books_balance(status)
+    if budget is None:
+        (copy,) = status["host_copies"]
+        assert sorted(copy["users"]) == sorted([a.id, b.id]) and copy["sealed"]
+        assert os.fstat(daemon.daemon.host_fds[copy["digest"]]).st_ino == inode
+    else:
+        assert status["host_copies"] == [] and a.host is None and b.host is None
+        a.reload = lambda: ta.copy_(expected)
+    client = Client(restart.socket)
+    client.hello("thief", key="thief")
+    ids, fds = client.lease(TOTAL - len(b.leases[id(b.weights)]))  # every chunk a slept on
+    protocol.close_fds(fds)
+    client.release(ids)
+    client.close()
+    a.wake()  # from the copy handed over, or from the "files"
+    assert a.last_wake["tier"] == ("host" if budget is None else "cold")
+    assert torch.equal(ta, expected)
+    assert_books_balance(daemon.status())

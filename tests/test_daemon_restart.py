@@ -109,6 +109,11 @@ def test_instances_outlive_their_daemon(pair, tmp_path):
     assert len(ours) == status["total_chunks"]
     assert mapped_inodes(worker) <= ours and len(mapped_inodes(worker)) == held["awake"]
     assert psutil.pid_exists(worker)  # the same process: nobody restarted it
+    # Both hand their host copy over: one copy of the weights, both its users,
+    # the same memory the old daemon made.
+    (copy,) = status["host_copies"]
+    assert sorted(copy["users"]) == sorted(r["id"] for r in rows(status).values())
+    assert "handed over its host copy" in log
 
     assert {s.name: greedy(s, PROMPTS[0]) for s in (awake, asleep)} == before
     assert_books_balance(daemon.status())

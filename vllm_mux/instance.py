@@ -627,7 +627,9 @@ class Instance:
                 )
             for a in arenas:
                 self.leases[id(a)] = self.leases[id(a)][: len(a.chunks)]
+            self.slept_on = []  # this daemon does not know what our free chunks hold
             self.id = reply["instance"]
+            self._hand_over_host_copy(client)
             self.client, self._up = client, True
             self._changed.notify_all()
         log.warning(
@@ -635,6 +637,21 @@ class Instance:
             self.socket_path,
             len(held),
         )
+
+    def _hand_over_host_copy(self, client: Client) -> None:
+        """Our host copy goes on the new daemon's books (under the lock). If
+        it refuses it (no room in its budget), we let it go: cold."""
+        if self._host is None:
+            return
+        try:
+            client.host_adopt(self.digest, self._host.size, self._host.fd, self.coldable)
+        except Disconnected:
+            raise
+        except DaemonError as e:
+            log.warning("vllm-mux: the daemon refused our host copy (%s): this model is cold", e)
+            mapping, self._host, self.host = self._host, None, None
+            self.backend.unpin(mapping.addr)
+            mapping.close()
 
 
 class _ArenaAllocations(TorchDispatchMode):

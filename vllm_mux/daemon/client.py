@@ -153,6 +153,11 @@ class Client:
             raise DaemonError("the daemon sealed the host copy but sent no fd")
         return fd
 
+    def host_adopt(self, digest: str, size: int, fd: int, coldable: bool = True) -> None:
+        """Hand our sealed host copy (``fd``, which we still own) to a daemon
+        that started after it was made."""
+        self.call("host_adopt", [fd], digest=digest, size=size, coldable=coldable)
+
     def host_release(self, digest: str) -> None:
         self.call("host_release", digest=digest)
 

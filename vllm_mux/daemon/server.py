@@ -380,8 +380,9 @@ class Daemon:
                     return
                 conn.settimeout(None)
                 hello = message.get("op") == "hello"
-                if not hello or message.get("role") == "controller":
-                    protocol.close_fds(fds)  # only an instance's hello brings chunks
+                adopt = message.get("op") == "host_adopt" and me is not None
+                if not (hello or adopt) or message.get("role") == "controller":
+                    protocol.close_fds(fds)  # an instance's hello brings chunks, adopt a copy
                 if hello and message.get("role") == "controller":
                     if self._attach_controller(conn, message):
                         conn = None  # it now belongs to the instance's record
@@ -391,6 +392,8 @@ class Daemon:
                 try:
                     if hello:
                         reply, me, generation = self._hello(message, pid, me, fds)
+                    elif adopt:
+                        reply, out_fds = self._host_adopt(me, message, fds), []
                     else:
                         reply, out_fds = self._handle(message, me)
                 except (PoolError, ValueError, KeyError, TypeError) as e:
@@ -709,6 +712,40 @@ class Daemon:
             self.changed.notify_all()
             log.info("a host copy of %s's weights (%d bytes) is sealed", me.model, copy.size)
             return self._ok(size=copy.size), [fd]
+
+    def _host_adopt(self, me: Instance, message: dict, fds: list[int]) -> dict:
+        """An instance that reconnected (this daemon started after its copy
+        was made) hands its host copy over, one sealed memfd: the books take
+        it as it is, or join it to this daemon's copy of the same bytes. A
+        copy that does not fit the budget is refused (the instance then lets
+        it go and is cold)."""
+        try:
+            digest, size = message.get("digest"), message.get("size")
+            coldable = message.get("coldable", True) is not False
+            if len(fds) != 1:
+                raise HostError(f"host_adopt brings one fd, not {len(fds)}")
+            fd = fds[0]
+            if not host_memory.sealed(fd) or os.fstat(fd).st_size != size:
+                raise HostError(f"the copy handed over is not a sealed memfd of {size} bytes")
+            with self.lock:
+                if self.host.take(me.id, digest):
+                    self.host.copies[digest].coldable &= coldable
+                    return self._ok()
+            if host_memory.digest_fd(fd, size) != digest:  # not under the lock
+                raise HostError("the copy handed over does not hold the bytes named")
+            with self.lock:
+                if self.host.take(me.id, digest):  # another user handed it over meanwhile
+                    return self._ok()
+                copy = self.host.make(me.id, digest, size)
+                copy.sealed, copy.coldable = True, coldable
+                self.host_fds[digest], fds[0] = fd, -1
+                self.changed.notify_all()
+            log.warning("instance %d (%s) handed over its host copy", me.id, me.model)
+            return self._ok()
+        except HostError as e:
+            raise ValueError(str(e)) from None
+        finally:
+            protocol.close_fds([fd for fd in fds if fd >= 0])
 
     def _make_cold(self, copy) -> bool:
         """Ask every user of ``copy`` (all asleep) to let it go, and wait until

@@ -90,8 +90,8 @@ def digest(size: int, piece_at, workers: int | None = None) -> str:
 class Mapping:
     """``size`` bytes of a host copy's memfd mapped into this process:
     writable to fill it, else read-only. ``tensor`` is a uint8 tensor over it
-    (no copy). The mapping holds the memory until ``close()``; the fd is
-    closed at once."""
+    (no copy). The mapping and ``fd`` (owned from here on, kept to hand the
+    copy to a daemon that restarts) hold the memory until ``close()``."""
 
     def __init__(self, fd: int, size: int, writable: bool):
         self.size = size
@@ -101,9 +101,10 @@ class Mapping:
             if addr == _MAP_FAILED or addr is None:
                 err = ctypes.get_errno()
                 raise OSError(err, f"mmap of a host copy failed: {os.strerror(err)}")
-        finally:
+        except BaseException:
             os.close(fd)
-        self.addr = addr
+            raise
+        self.addr, self.fd = addr, fd
         import torch
 
         buffer = (ctypes.c_uint8 * size).from_address(addr)
@@ -113,6 +114,7 @@ class Mapping:
         if self.addr is None:
             return
         self.tensor = None
+        os.close(self.fd)
         if _libc.munmap(self.addr, self.size) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"munmap failed: {os.strerror(err)}")
