@@ -875,7 +875,8 @@ def test_cli_status_table_and_json(live):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == "device cpu: 0.01 GiB in 8 chunks of 1 MiB, 0.00 GiB free"
-    assert "MODEL" in lines[1] and "CHUNKS" in lines[1]
+    assert lines[1].startswith("host: ") and lines[1].endswith("in 0 (shared by 0 instances)")
+    assert "MODEL" in lines[2] and "CHUNKS" in lines[2] and "RESIDENT" in lines[2]
     (row,) = [line for line in lines if "tiny-model" in line]
     fields = row.split()
     assert fields[1] == str(os.getpid())

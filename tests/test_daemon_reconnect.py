@@ -529,7 +529,17 @@ def test_a_restarted_daemon_takes_the_host_copies_over_or_the_model_goes_cold(re
     inode = os.fstat(a._host.fd).st_ino
     restart.kill()
     daemon, _ = restart.second(host_memory=budget)
-    status = wait_for(lambda: reconnected(daemon, "a", "b"))
+
+    def handed_over() -> dict | None:  # each says hello, then hands its copy over
+        status = reconnected(daemon, "a", "b")
+        if not status:
+            return None
+        if budget is None:
+            copies = status["host_copies"]
+            return status if len(copies) == 1 and len(copies[0]["users"]) == 2 else None
+        return status if a.host is None and b.host is None else None
+
+    status = wait_for(handed_over)
     assert status, daemon.status()
     assert_books_balance(status)
     if budget is None:
