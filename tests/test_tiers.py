@@ -198,9 +198,17 @@ def test_a_full_host_budget_makes_the_least_recently_used_sleeper_cold(tmp_path)
     d = LiveDaemon(str(tmp_path / "d.sock"), 24, CHUNK, wait_timeout=5, host_memory=budget)
     try:
         insts = [Instance(d.path, f"m{i}", key=f"m{i}") for i in range(3)]
-        for inst in insts:
-            Controller(d.path, inst)
         expected = [[t.clone() for t in ts] for ts in tensors]
+        reloads = []
+        for inst, ts, es in zip(insts, tensors, expected):
+            Controller(d.path, inst)
+
+            def reload(ts=ts, es=es):  # what vLLM's loader does: the files' bytes, in place
+                reloads.append(1)
+                for t, e in zip(ts, es):
+                    t.copy_(e)
+
+            inst.reload = reload
         for i in (0, 1):
             insts[i].adopt_weights(tensors[i])
         insts[0].sleep()
@@ -216,14 +224,6 @@ def test_a_full_host_budget_makes_the_least_recently_used_sleeper_cold(tmp_path)
         assert insts[0].last_wake["tier"] == "warm"
         insts[0].sleep()
         take_chunks(d.path, 24 - len(insts[2].leases[id(insts[2].weights)]))  # all but awake m2's
-        reloads = []
-
-        def reload():  # what vLLM's loader does: the files' bytes, into the tensors
-            reloads.append(1)
-            for t, e in zip(tensors[0], expected[0]):
-                t.copy_(e)
-
-        insts[0].reload = reload
         insts[0].wake()  # cold: reloaded; its new copy makes sleeping m1 cold
         assert reloads and insts[0].last_wake["tier"] == "cold"
         assert insts[0].last_wake["same_bytes"]
@@ -234,7 +234,6 @@ def test_a_full_host_budget_makes_the_least_recently_used_sleeper_cold(tmp_path)
         assert insts[1].host is None
         # An awake model is never made cold: with m0 and m2 awake, m1's next
         # copy finds no room and m1 stays cold.
-        insts[1].reload = lambda: [t.copy_(e) for t, e in zip(tensors[1], expected[1])]
         insts[1].wake()
         assert insts[1].last_wake["tier"] in ("warm", "cold") and insts[1].host is None
         assert all(torch.equal(t, e) for t, e in zip(tensors[1], expected[1]))
@@ -244,20 +243,23 @@ def test_a_full_host_budget_makes_the_least_recently_used_sleeper_cold(tmp_path)
         d.stop()
 
 
-def test_a_cold_model_without_a_loader_fails_its_wake_and_holds_nothing(tmp_path):
+def test_a_model_its_files_cannot_restore_is_never_made_cold(tmp_path):
+    """No loader (dummy weights) or weights updated since loading: the copy
+    stays, and the newcomer that needs its room is told why instead."""
     d = LiveDaemon(str(tmp_path / "d.sock"), 16, CHUNK, wait_timeout=2, host_memory=5 * CHUNK)
     try:
         a, b = Instance(d.path, "a", key="a"), Instance(d.path, "b", key="b")
         Controller(d.path, a)
-        a.adopt_weights(weights(0))
+        a.adopt_weights(weights(0))  # no reload: its files cannot restore it
         a.sleep()
-        b.adopt_weights(weights(1))  # takes a's place in host memory
-        assert a.host is None and b.host is not None
-        take_chunks(d.path, 16 - len(b.leases[id(b.weights)]))  # every chunk but awake b's
-        with pytest.raises(RuntimeError, match="cold"):
-            a.wake()
-        (me,) = [i for i in status(d)["instances"] if i["model"] == "a"]
-        assert a.asleep and me["chunks"] == 0 and me["state"] == "asleep"
+        b.reload = lambda: None
+        b.adopt_weights(weights(1))  # no room, and a's copy may not go
+        assert a.host is not None and b.host is None
+        (copy,) = status(d)["host_copies"]
+        assert copy["users"] == [a.id] and not copy["coldable"]
+        c = Instance(d.path, "c", key="c")  # neither can it run without a copy
+        with pytest.raises(RuntimeError, match="need a host copy"):
+            c.adopt_weights(weights(2))
     finally:
         d.stop()
 
@@ -266,6 +268,7 @@ def test_a_model_larger_than_the_host_budget_is_cold_from_the_start(tmp_path):
     d = LiveDaemon(str(tmp_path / "d.sock"), 16, CHUNK, host_memory=CHUNK)
     try:
         a = Instance(d.path, "a", key="a")
+        a.reload = lambda: None  # its files could restore it
         a.adopt_weights(weights())  # warns, serves on without a host copy
         assert a.host is None and status(d)["host_used"] == 0
     finally:

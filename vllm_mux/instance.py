@@ -104,7 +104,7 @@ class Instance:
         self.host: torch.Tensor | None = None
         self.digest = ""
         self._host: host_memory.Mapping | None = None
-        self.coldable = True  # False once the weights were updated: the files are stale
+        self.updated = False  # the weights changed after loading: the files are stale
         self.reload = None  # set by the worker: vLLM's loader, in place (a cold wake)
         self._buffers: list = []  # (buffer, a host copy of it): what a reload does not load
         self.slept_on: list[int] = []  # the chunks it last slept on, weights' then KV's
@@ -219,10 +219,16 @@ class Instance:
     def refresh_weights(self, tensors: list[torch.Tensor], buffers=()) -> None:
         """After a weight update: the new bytes become what a wake restores,
         and the model's files no longer say what they are: never cold."""
-        self.coldable = False
+        self.updated = True
         self.adopt_weights(tensors, buffers)
 
     # -- the host copy --
+
+    @property
+    def coldable(self) -> bool:
+        """Whether the model's files can restore these weights: the daemon
+        never drops the host copy of one that cannot be reloaded."""
+        return self.reload is not None and not self.updated
 
     def _keep_host_copy(self) -> None:
         """Hold the daemon's host copy of the arena's bytes as they are now,
@@ -241,8 +247,9 @@ class Instance:
             log.warning("vllm-mux: no host copy of the weights (%s): this model is cold", e)
         if self._host is None and not self.coldable:
             raise RuntimeError(
-                "vllm-mux: updated weights need a host copy, and the daemon has no room for "
-                "one: start it with a larger --host-memory"
+                "vllm-mux: these weights need a host copy (they were updated, or their loader "
+                "cannot reload them from files), and the daemon has no room for one: start it "
+                "with a larger --host-memory"
             )
 
     def _take_host_copy(self, fill: bool) -> bool:
@@ -362,9 +369,10 @@ class Instance:
         (the warm tier): a wake gets back those nobody took. Returns seconds."""
         if self.asleep:
             return 0.0
-        if self._host is None and not self.coldable:
+        if self.digest and self._host is None and not self.coldable:
             raise RuntimeError(
-                "vllm-mux: not sleeping: the updated weights have no host copy to wake from"
+                "vllm-mux: not sleeping: these weights have no host copy to wake from and their "
+                "files cannot restore them"
             )
         start = time.perf_counter()
         self._set_state("sleeping")

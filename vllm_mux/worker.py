@@ -100,14 +100,22 @@ def model_tensors(worker) -> tuple[list, list]:
     return tensors, buffers
 
 
+def _reloadable(worker, dummy: bool) -> bool:
+    """Whether vLLM's in-place reload can read this model's weights again
+    (``reload_weights`` needs a loader with ``get_all_weights``: not the dummy
+    one, not a tensorizer or sharded-state file)."""
+    from vllm.model_executor.model_loader import get_model_loader
+
+    loader = get_model_loader(worker.vllm_config.load_config)
+    return not dummy and hasattr(loader, "get_all_weights") and worker.get_draft_model() is None
+
+
 def reload_from_files(worker):
     """What a cold wake runs: vLLM's own in-place reload of the weights from
     the model's files (``model_runner.reload_weights``, the one behind
     ``/reload_weights``), into the tensors where they already live."""
 
     def reload() -> None:
-        if worker.get_draft_model() is not None:
-            raise RuntimeError("vllm-mux: a cold wake cannot reload a draft model's weights")
         worker.model_runner.reload_weights()
 
     return reload
@@ -165,7 +173,7 @@ def install(cls) -> None:
             )
         upstream["load_model"](self, load_dummy_weights=load_dummy_weights)
         mux = instance(self)
-        mux.reload = None if load_dummy_weights else reload_from_files(self)
+        mux.reload = reload_from_files(self) if _reloadable(self, load_dummy_weights) else None
         mux.adopt_weights(*model_tensors(self))
 
     def _maybe_get_memory_pool_context(self, tag: str):
