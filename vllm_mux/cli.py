@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from vllm_mux.bench import gpu, soak
+from vllm_mux.bench import gpu, pages, soak
 from vllm_mux.daemon import default_socket
 from vllm_mux.memory import default_chunk_size
 
@@ -257,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     soak.add_arguments(bp)
     bp.set_defaults(run=_bench_soak)
+    bp = bsub.add_parser(
+        "pages", help="a wake on each kind of page the cpu backend can get here (huge or not)"
+    )
+    pages.add_arguments(bp)
+    bp.set_defaults(run=pages.cli)
 
     args = parser.parse_args(argv)
     return args.run(args)

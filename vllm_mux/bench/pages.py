@@ -147,17 +147,24 @@ def run(size_bytes: int = 512 << 20, chunk_size: int = 32 << 20, rounds: int = R
     return result
 
 
+def add_arguments(p) -> None:
+    p.add_argument("--size-bytes", type=int, default=512 << 20)
+    p.add_argument("--chunk-size", type=int, default=32 << 20)
+    p.add_argument("--rounds", type=int, default=ROUNDS)
+
+
+def cli(args) -> int:
+    with contextlib.suppress(BrokenPipeError):
+        print(json.dumps(run(args.size_bytes, args.chunk_size, args.rounds), indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size-bytes", type=int, default=512 << 20)
-    p.add_argument("--chunk-size", type=int, default=32 << 20)
-    p.add_argument("--rounds", type=int, default=ROUNDS)
-    args = p.parse_args(argv)
-    with contextlib.suppress(BrokenPipeError):
-        print(json.dumps(run(args.size_bytes, args.chunk_size, args.rounds), indent=2))
-    return 0
+    add_arguments(p)
+    return cli(p.parse_args(argv))
 
 
 if __name__ == "__main__":
