@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_mux.bench import take
+
 ROOT = Path(__file__).resolve().parents[2]
 GiB = 1 << 30
 
@@ -310,22 +312,6 @@ def _check(inst, when: str, tier: str, tensors, pointers, reference) -> list[str
     return failures
 
 
-def _take(socket: str, n: int) -> None:
-    """Another instance leases ``n`` chunks and hands them back: a sleeper's
-    bytes in them count as lost (leases take chunks that hold nobody's first)."""
-    from vllm_mux.daemon.client import Client
-
-    thief = Client(socket)
-    try:
-        thief.hello("kit-thief", key=f"kit-thief-{time.monotonic()}")
-        ids, fds = thief.lease(n)
-        for fd in fds:
-            os.close(fd)
-        thief.release(ids)
-    finally:
-        thief.close()
-
-
 def phase_wake(args) -> dict:
     """A wake of ``--wake-bytes`` against a plain copy of the same bytes from
     the same page-locked host buffer into ordinary device memory."""
@@ -355,7 +341,7 @@ def phase_wake(args) -> dict:
         for tier, taken in (("warm", 0), ("partial", total - half), ("host", total)):
             sleep_s = inst.sleep()
             if taken:
-                _take(args.socket, taken)
+                take(args.socket, taken)
             times[tier] = inst.wake()
             tiers.append((tier, inst.last_wake["tier"], inst.last_wake["copied_bytes"]))
         map_s = inst.last_wake["map_seconds"]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from vllm_mux.bench import take
 from vllm_mux.daemon.client import Client
 from vllm_mux.launch import CPU_ARGS, VllmServer, start_daemon
 
@@ -93,6 +94,9 @@ def switch(args) -> int:
         client = Client(sock)  # here: a connection must speak within the daemon's hello timeout
         for _ in range(args.cycles):
             sleeps.append(_timed(mux.sleep))
+            # Another instance used its chunks meanwhile: the wake copies every
+            # byte from the host copy (bench tiers measures the other tiers).
+            take(sock, client.status()["free_chunks"])
             wakes.append(_timed(mux.wake_up))
             (me,) = [i for i in client.status()["instances"] if i["model"] == "mux"]
             inside.append(me["last_wake"])
@@ -136,6 +140,7 @@ def switch(args) -> int:
         "cycles": args.cycles,
         "sleep_ms_http": med(sleeps) * 1e3,
         "wake_ms_http": med(wakes) * 1e3,
+        "wake_tiers": sorted({i["tier"] for i in inside}),
         "wake_ms_instance": wake_s * 1e3,
         "wake_map_ms": med(i["map_seconds"] for i in inside) * 1e3,
         "wake_copy_wait_ms": med(i["copy_wait_seconds"] for i in inside) * 1e3,
