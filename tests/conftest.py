@@ -170,6 +170,8 @@ def assert_books_balance(status: dict) -> None:
     assert status["host_used"] == sum(c["size"] for c in copies) <= status["host_budget"]
     assert status["host_used"] + status["host_free"] == status["host_budget"]
     assert len({c["digest"] for c in copies}) == len(copies)
+    if all(c["sealed"] for c in copies):  # one memfd per copy, none left behind
+        assert status["host_memfds"] == len(copies)
     users = {i["id"]: set(i["host_copy"]) for i in status["instances"]}
     for c in copies:
         for u in c["users"]:

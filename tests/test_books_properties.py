@@ -82,8 +82,8 @@ class HostTier(RuleBasedStateMachine):
         self.books = HostBooks(BUDGET)
         self.asleep: set[int] = set()
 
-    @rule(who=INSTANCES, digest=DIGESTS, size=st.integers(1, 60))
-    def make_or_take(self, who, digest, size):
+    @rule(who=INSTANCES, digest=DIGESTS, size=st.integers(1, 60), seal=st.booleans())
+    def make_or_take(self, who, digest, size, seal):
         if self.books.take(who, digest):
             return
         try:
@@ -96,7 +96,10 @@ class HostTier(RuleBasedStateMachine):
                 for c in victims:
                     assert c.sealed and all(u in self.asleep for u in c.users)
             return
-        self.books.seal(who, digest)
+        if seal:  # else it is being filled: nobody else may take it
+            self.books.seal(who, digest)
+        else:
+            assert self.books.take(who % 4 + 1, digest) is None
         assert copy.users == {who}
 
     @rule(who=INSTANCES, digest=DIGESTS)

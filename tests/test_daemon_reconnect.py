@@ -559,3 +559,40 @@ def test_a_restarted_daemon_takes_the_host_copies_over_or_the_model_goes_cold(re
     assert a.last_wake["tier"] == ("host" if budget is None else "cold")
     assert torch.equal(ta, expected)
     assert_books_balance(daemon.status())
+
+
+def test_a_copy_handed_over_after_another_of_the_same_bytes_is_swapped_for_it(restart):
+    """An instance with the same weights starts on the new daemon before the
+    old holder reconnects: the holder maps the new daemon's copy instead of
+    keeping its own, so the bytes are in host memory once (review finding:
+    twice, one of them off the books)."""
+    restart.first()
+    a = restart.instance("a")
+    ta, expected = loaded(a, 2.5, seed=1)
+    gate, rejoin = threading.Event(), a._rejoin
+    a._rejoin = lambda client: gate.wait() and rejoin(client)
+    restart.kill()
+    daemon, _ = restart.second()
+    c = restart.instance("c")
+    loaded(c, 2.5, seed=1)  # the same bytes: a copy of this daemon's
+    gate.set()
+
+    def swapped() -> dict | None:
+        status = reconnected(daemon, "a", "c")
+        copies = status["host_copies"] if status else []
+        return status if len(copies) == 1 and len(copies[0]["users"]) == 2 else None
+
+    status = wait_for(swapped)
+    assert status, daemon.status()
+    assert_books_balance(status)
+    ours = os.fstat(daemon.daemon.host_fds[a.digest]).st_ino
+    assert os.fstat(a._host.fd).st_ino == os.fstat(c._host.fd).st_ino == ours
+    a.sleep()
+    client = Client(restart.socket)
+    client.hello("thief", key="thief")
+    ids, fds = client.lease(TOTAL - len(c.leases[id(c.weights)]))
+    protocol.close_fds(fds)
+    client.release(ids)
+    client.close()
+    a.wake()
+    assert a.last_wake["tier"] == "host" and torch.equal(ta, expected)

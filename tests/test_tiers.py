@@ -331,3 +331,91 @@ def test_status_shows_what_a_sleeper_still_has_on_the_device_and_the_host(daemon
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "sleeper" in x]
     assert line.split()[3:5] == ["asleep", "cold"]
     inst.client.close()
+
+
+class SlowController(Controller):
+    """Lets the host copy go only after ``delay`` seconds: a slow sleeper."""
+
+    delay = 1.5
+
+    def _answer(self) -> None:
+        drop = self.inst.drop_host
+        self.inst.drop_host = lambda: time.sleep(self.delay) or drop()
+        super()._answer()
+
+
+def test_a_copy_made_after_a_slow_drop_is_granted_not_lost(tmp_path):
+    """The copy made once a slow sleeper let its own go is the newcomer's,
+    even past the wait's deadline: it was failed and left on the books,
+    unsealed and without memory, for good (review finding)."""
+    d = LiveDaemon(str(tmp_path / "d.sock"), 16, CHUNK, wait_timeout=1, host_memory=5 * CHUNK)
+    try:
+        a, b = Instance(d.path, "a", key="a"), Instance(d.path, "b", key="b")
+        a.reload = b.reload = lambda: None
+        SlowController(d.path, a)
+        a.adopt_weights(weights(0))
+        a.sleep()
+        b.adopt_weights(weights(1))
+        assert a.host is None and b.host is not None
+        (copy,) = status(d)["host_copies"]
+        assert copy["users"] == [b.id] and copy["sealed"]
+    finally:
+        d.stop()
+
+
+def test_a_fill_that_fails_leaves_no_copy_behind(daemon, monkeypatch):
+    """Filling fails in the instance (a driver error, no memory): the copy
+    goes off the books at once, and the next attempt makes a new one."""
+    inst = Instance(daemon.path, "m", key="m")
+    inst.reload = lambda: None
+
+    def broken(self, filling, used):
+        filling.close()
+        raise OSError(5, "injected: the fill failed")
+
+    monkeypatch.setattr(Instance, "_fill", broken)
+    inst.adopt_weights(weights())  # warns: cold for now
+    assert inst.host is None and status(daemon)["host_copies"] == []
+    monkeypatch.undo()
+    inst._take_host_copy(fill=True)
+    (copy,) = status(daemon)["host_copies"]
+    assert copy["users"] == [inst.id] and copy["sealed"] and inst.host is not None
+    inst.client.close()
+
+
+def test_a_wrong_size_from_a_user_changes_nothing(daemon):
+    inst = Instance(daemon.path, "m", key="m")
+    inst.adopt_weights(weights())
+    with pytest.raises(DaemonError, match="bytes, not 4096"):
+        inst.client.host_get(inst.digest, 4096, fill=True)
+    (copy,) = status(daemon)["host_copies"]  # still ours, its memfd still tracked
+    assert copy["users"] == [inst.id]
+    inst.client.close()
+
+
+def test_a_sleeper_nobody_can_ask_is_not_waited_for(tmp_path):
+    """No controller to ask (an offline LLM, a second worker): its copy is no
+    candidate, and the newcomer hears why at once instead of after a wait."""
+    d = LiveDaemon(str(tmp_path / "d.sock"), 16, CHUNK, wait_timeout=2, host_memory=5 * CHUNK)
+    try:
+        a, b = Instance(d.path, "a", key="a"), Instance(d.path, "b", key="b")
+        a.reload = b.reload = lambda: None
+        a.adopt_weights(weights(0))
+        a.sleep()
+        with pytest.raises(DaemonError, match="awake models, or to models their files"):
+            b.client.host_get("1" * 64, a.weights.used, fill=True)
+        assert a.host is not None and [c["users"] for c in status(d)["host_copies"]] == [[a.id]]
+    finally:
+        d.stop()
+
+
+def test_updated_weights_never_let_their_copy_go(daemon):
+    inst = Instance(daemon.path, "m", key="m")
+    inst.reload = lambda: None
+    tensors = weights()
+    inst.adopt_weights(tensors)
+    tensors[0].fill_(1.0)
+    inst.refresh_weights(tensors)
+    inst.sleep()
+    assert not inst.drop_host() and inst.host is not None
+    inst.client.close()

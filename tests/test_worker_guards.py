@@ -95,3 +95,21 @@ def test_lora_is_refused_at_load(fake):
     with pytest.raises(ValueError, match="--enable-lora is not supported"):
         w.load_model()
     assert calls == []
+
+
+def test_an_update_that_fails_half_way_still_refreshes_the_host_copy(monkeypatch):
+    """An upstream reload that wrote some layers and then raised: the host
+    copy must take the bytes the model now serves, or a wake would restore
+    the old ones under the new (review finding)."""
+    inst = FakeInstance()
+    monkeypatch.setattr(worker, "_instance", inst)
+    cls, _ = fake_worker_class()
+
+    def half_way(self, *args, **kwargs):
+        raise RuntimeError("injected: failed after writing some weights")
+
+    monkeypatch.setattr(cls, "reload_weights", half_way)
+    worker.install(cls)
+    with pytest.raises(RuntimeError, match="injected"):
+        cls().reload_weights()
+    assert inst.refreshed == 1

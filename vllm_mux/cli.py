@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         type=parse_size,
         help="host memory for the copies of weights sleeping models wake from (one per set of "
         "identical weights); beyond it the least recently used sleeping model goes cold and "
-        "reloads from its files (default: half of the host's memory)",
+        "reloads from its files (default: half of the host's memory the pool leaves)",
     )
     p.add_argument(
         "--wait-timeout",

@@ -243,7 +243,7 @@ class Instance:
         self.digest = digest
         try:
             self._take_host_copy(fill=True)
-        except DaemonError as e:
+        except (DaemonError, OSError) as e:  # OSError: mapping it
             log.warning("vllm-mux: no host copy of the weights (%s): this model is cold", e)
         if self._host is None and not self.coldable:
             raise RuntimeError(
@@ -254,36 +254,53 @@ class Instance:
 
     def _take_host_copy(self, fill: bool) -> bool:
         """Map the daemon's copy of ``self.digest``'s bytes, filling it first
-        if it is new (``fill``). False if there is none (and not ``fill``)."""
+        if it is new (``fill``). False if there is none (and not ``fill``).
+        Whatever fails, the daemon's copy is released and nothing stays mapped."""
         used = self.weights.view()
         with self._lock:
             reply, fd = self.client.host_get(self.digest, used.numel(), fill, self.coldable)
         if fd is None:
             return False
-        if reply.get("fill"):
-            try:
-                filling = host_memory.Mapping(fd, used.numel(), writable=True)
-            except OSError:
-                self._release_host(self.digest)
-                raise
-            try:
-                self.backend.pin(filling.addr, filling.size)
-                try:
-                    filling.tensor.copy_(used)
-                    self.backend.synchronize()
-                finally:
-                    self.backend.unpin(filling.addr)
-            finally:
-                filling.close()
-            with self._lock:
-                try:
+        try:
+            if reply.get("fill"):
+                self._fill(host_memory.Mapping(fd, used.numel(), writable=True), used)
+                fd = None  # the mapping owned it
+                with self._lock:
                     fd = self.client.host_filled(self.digest)
-                except DaemonError:
-                    self._release_host(self.digest)
-                    raise
-        mapping = host_memory.Mapping(fd, used.numel(), writable=False)
-        self.backend.pin(mapping.addr, mapping.size, read_only=True)
+            self._map_host_copy(fd, used.numel())
+        except BaseException:
+            self._release_host(self.digest)
+            raise
+        return True
+
+    def _fill(self, filling: host_memory.Mapping, used: torch.Tensor) -> None:
+        """Write the arena's bytes into a new copy, page-locked meanwhile, and
+        unmap it: the daemon seals it only once nobody maps it writable."""
+        try:
+            pinned = self._pin(filling, read_only=False)
+            try:
+                filling.tensor.copy_(used)
+                self.backend.synchronize()
+            finally:
+                if pinned:
+                    self.backend.unpin(filling.addr)
+        finally:
+            filling.close()
+
+    def _map_host_copy(self, fd: int, size: int) -> None:
+        mapping = host_memory.Mapping(fd, size, writable=False)
+        mapping.pinned = self._pin(mapping, read_only=True)
         self._host, self.host = mapping, mapping.tensor
+
+    def _pin(self, mapping: host_memory.Mapping, read_only: bool) -> bool:
+        """Page-lock a mapping for full-speed copies; where the driver refuses
+        (a read-only registration it does not support), copies run slower
+        from pageable memory, and the log says so."""
+        try:
+            self.backend.pin(mapping.addr, mapping.size, read_only=read_only)
+        except RuntimeError as e:
+            log.warning("vllm-mux: the host copy stays pageable (%s): wakes copy slower", e)
+            return False
         return True
 
     def _drop_host_copy(self) -> None:
@@ -292,7 +309,8 @@ class Instance:
         mapping, self._host, self.host = self._host, None, None
         if mapping is None:
             return
-        self.backend.unpin(mapping.addr)
+        if mapping.pinned:
+            self.backend.unpin(mapping.addr)
         mapping.close()
         self._release_host(self.digest)
 
@@ -310,7 +328,8 @@ class Instance:
         """Let the host copy go, asked by the daemon to make room: only while
         asleep (then the model is cold). False if awake or waking."""
         with self._lock:
-            if not (self.asleep and self.state == "asleep") or self._host is None:
+            asleep = self.asleep and self.state == "asleep"
+            if not asleep or self._host is None or not self.coldable:
                 return False
             self._drop_host_copy()
         log.info("vllm-mux: the daemon took the host copy back; this model is cold")
@@ -417,7 +436,8 @@ class Instance:
                 raise
             done = time.perf_counter()
             self.asleep = False
-            self.kv_intact = all(kept[n:])
+            # Keys and values of other weights are no cache of these.
+            self.kv_intact = all(kept[n:]) and (not reloaded or reloaded["same_bytes"])
             facts = {
                 "seconds": done - start,
                 "map_seconds": map_seconds,
@@ -638,6 +658,9 @@ class Instance:
             self.slept_on = []  # this daemon does not know what our free chunks hold
             self.id = reply["instance"]
             self._hand_over_host_copy(client)
+            if self._host is None and self.digest:  # let go while the daemon was away
+                with contextlib.suppress(DaemonError):
+                    client.host_release(self.digest)
             self.client, self._up = client, True
             self._changed.notify_all()
         log.warning(
@@ -647,19 +670,30 @@ class Instance:
         )
 
     def _hand_over_host_copy(self, client: Client) -> None:
-        """Our host copy goes on the new daemon's books (under the lock). If
-        it refuses it (no room in its budget), we let it go: cold."""
+        """Our host copy goes on the new daemon's books (under the lock), or
+        we map its copy of the same bytes instead. If it refuses ours (no
+        room in its budget), or anything else fails, we let it go: cold."""
         if self._host is None:
             return
         try:
-            client.host_adopt(self.digest, self._host.size, self._host.fd, self.coldable)
+            theirs = client.host_adopt(self.digest, self._host.size, self._host.fd, self.coldable)
+            if theirs is not None:
+                mapping, self._host, self.host = self._host, None, None
+                if mapping.pinned:
+                    self.backend.unpin(mapping.addr)
+                mapping.close()
+                self._map_host_copy(theirs, mapping.size)
+            return
         except Disconnected:
             raise
-        except DaemonError as e:
-            log.warning("vllm-mux: the daemon refused our host copy (%s): this model is cold", e)
-            mapping, self._host, self.host = self._host, None, None
-            self.backend.unpin(mapping.addr)
-            mapping.close()
+        except Exception as e:  # refused, or a driver error: never stop reconnecting
+            log.warning("vllm-mux: our host copy is not on the daemon's books (%s): cold", e)
+        mapping, self._host, self.host = self._host, None, None
+        if mapping is not None:
+            with contextlib.suppress(Exception):
+                if mapping.pinned:
+                    self.backend.unpin(mapping.addr)
+                mapping.close()
 
 
 class _ArenaAllocations(TorchDispatchMode):

@@ -205,10 +205,11 @@ def install(cls) -> None:
     def guarded(name: str, refresh: bool):
         def method(self, *args, **kwargs):
             _refuse_while_asleep(self, name.lstrip("_"))
-            result = upstream[name](self, *args, **kwargs)
-            if refresh:
-                instance(self).refresh_weights(*model_tensors(self))
-            return result
+            try:
+                return upstream[name](self, *args, **kwargs)
+            finally:  # even one that failed half way may have written some weights
+                if refresh:
+                    instance(self).refresh_weights(*model_tensors(self))
 
         method.__name__ = name
         return method

@@ -21,7 +21,7 @@ log = logging.getLogger("vllm_mux.client")
 RECONNECT_S = 600.0
 
 # The requests whose replies bring fds: chunks, or a host copy.
-_WITH_FDS = ("lease", "host_get", "host_filled")
+_WITH_FDS = ("lease", "host_get", "host_filled", "host_adopt")
 
 
 class DaemonError(RuntimeError):
@@ -153,10 +153,17 @@ class Client:
             raise DaemonError("the daemon sealed the host copy but sent no fd")
         return fd
 
-    def host_adopt(self, digest: str, size: int, fd: int, coldable: bool = True) -> None:
+    def host_adopt(self, digest: str, size: int, fd: int, coldable: bool = True) -> int | None:
         """Hand our sealed host copy (``fd``, which we still own) to a daemon
-        that started after it was made."""
-        self.call("host_adopt", [fd], digest=digest, size=size, coldable=coldable)
+        that started after it was made. If it has a copy of these bytes in
+        other memory already, the fd of that one, to map instead of ours."""
+        reply, fds = self.call("host_adopt", [fd], digest=digest, size=size, coldable=coldable)
+        theirs = _one_fd(fds)
+        if (theirs is None) == bool(reply.get("remap")):
+            if theirs is not None:
+                os.close(theirs)
+            raise DaemonError("a host_adopt reply's remap and fd disagree")
+        return theirs
 
     def host_release(self, digest: str) -> None:
         self.call("host_release", digest=digest)

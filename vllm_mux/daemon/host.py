@@ -16,13 +16,15 @@ import os
 from dataclasses import dataclass, field
 
 # The host budget unless --host-memory says otherwise: half of the host's
-# memory. The rest is for the instances' own processes (a vLLM server takes
-# one to two GiB beside its weights) and, on the cpu device, the pool itself.
+# memory that the pool leaves (on the cpu device the pool is host memory too).
+# The rest is for the instances' own processes: a vLLM server takes one to
+# two GiB beside its weights.
 DEFAULT_FRACTION = 0.5
 
 
-def default_budget() -> int:
-    return int(DEFAULT_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+def default_budget(pool_in_host_memory: int = 0) -> int:
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(0, int(DEFAULT_FRACTION * (ram - pool_in_host_memory)))
 
 
 class HostError(Exception):

@@ -178,7 +178,8 @@ class Daemon:
         self.chunks: list = []
         self.pool = Pool(n, chunk_size)
         # The host tier: one sealed copy per set of weights, a memfd each.
-        self.host = HostBooks(default_budget() if host_memory is None else host_memory)
+        on_host = n * chunk_size if backend.device_type == "cpu" else 0
+        self.host = HostBooks(default_budget(on_host) if host_memory is None else host_memory)
         self.host_fds: dict[str, int] = {}  # digest -> the copy's memfd
         self.instances: dict[int, Instance] = {}
         self.wait_timeout = wait_timeout
@@ -393,7 +394,7 @@ class Daemon:
                     if hello:
                         reply, me, generation = self._hello(message, pid, me, fds)
                     elif adopt:
-                        reply, out_fds = self._host_adopt(me, message, fds), []
+                        reply, out_fds = self._host_adopt(me, message, fds)
                     else:
                         reply, out_fds = self._handle(message, me)
                 except (PoolError, ValueError, KeyError, TypeError) as e:
@@ -619,49 +620,49 @@ class Daemon:
         used sleeping models cold); else ``absent``."""
         size, fill = message.get("size"), message.get("fill") is True
         coldable = message.get("coldable", True) is not False
+        if type(size) is not int or size <= 0:
+            raise HostError(f"a host copy is a positive number of bytes, not {size!r:.40}")
         deadline = time.monotonic() + self.wait_timeout
         tried: set[str] = set()  # copies whose users would not let them go
         while True:
             victim = None
             with self.lock:
-                copy = self.host.take(me.id, digest)
-                if copy is not None:
-                    if copy.size != size:
-                        self.host.release(me.id, digest)
-                        raise HostError(f"the copy of these bytes is {copy.size} bytes, not {size}")
+                copy = self.host.copies.get(digest)
+                if copy is not None and copy.size != size:
+                    raise HostError(f"the copy of these bytes is {copy.size} bytes, not {size}")
+                if copy is not None and me.id in copy.users and not copy.sealed:
+                    raise HostError("this instance is filling that copy already")
+                if self.host.take(me.id, digest) is not None:
                     copy.coldable = copy.coldable and coldable
                     return self._ok(size=copy.size), [self.host_fds[digest]]
-                if digest not in self.host.copies:
-                    if not fill:
-                        return self._ok(absent=True), []
+                if copy is None and not fill:
+                    return self._ok(absent=True), []
+                if copy is None:
                     try:
                         copy = self.host.make(me.id, digest, size)
                     except HostError as e:
-                        if size > self.host.budget or digest in self.host.copies:
+                        if size > self.host.budget:
                             raise
-                        victims = [
-                            c
-                            for c in self.host.victims(size, self._asleep)
-                            if c.digest not in tried
-                        ]
+                        victims = self.host.victims(size, self._droppable)
+                        victims = [c for c in victims if c.digest not in tried]
                         if not victims:
                             raise HostError(
-                                f"no room for this model's weights in host memory: {e}, and "
-                                "every copy there is used by an awake instance"
+                                f"no room for this model's weights in host memory: {e}; the "
+                                "copies there belong to awake models, or to models their "
+                                "files cannot restore"
                             ) from None
                         victim = victims[0]
-                    else:
+                    else:  # ours to fill, whatever the clock says
                         copy.coldable = coldable
-                if time.monotonic() > deadline:
+                        break
+                elif time.monotonic() > deadline:  # being filled or dropped by others
                     raise HostError("waited too long for a copy of these bytes to be filled")
-                if victim is None and copy is None:  # filled or dropped by others: wait
+                else:
                     self.changed.wait(0.25)
                     continue
-            if victim is not None:
-                if not self._make_cold(victim):
-                    tried.add(victim.digest)
-                continue
-            return self._new_copy(me, digest, size)
+            if not self._make_cold(victim):
+                tried.add(victim.digest)
+        return self._new_copy(me, digest, size)
 
     def _new_copy(self, me: Instance, digest: str, size: int) -> tuple[dict, list[int]]:
         """Make the memory of a copy the books now have (outside the lock: it
@@ -713,12 +714,14 @@ class Daemon:
             log.info("a host copy of %s's weights (%d bytes) is sealed", me.model, copy.size)
             return self._ok(size=copy.size), [fd]
 
-    def _host_adopt(self, me: Instance, message: dict, fds: list[int]) -> dict:
+    def _host_adopt(self, me: Instance, message: dict, fds: list[int]):
         """An instance that reconnected (this daemon started after its copy
         was made) hands its host copy over, one sealed memfd: the books take
-        it as it is, or join it to this daemon's copy of the same bytes. A
-        copy that does not fit the budget is refused (the instance then lets
-        it go and is cold)."""
+        it as it is, or join it to this daemon's copy of the same bytes; if
+        that is another memfd, the reply brings it (``remap``), for the
+        instance to map instead of its own. A copy that does not fit the
+        budget is refused (the instance then lets it go and is cold).
+        Returns the reply and its fds."""
         try:
             digest, size = message.get("digest"), message.get("size")
             coldable = message.get("coldable", True) is not False
@@ -727,25 +730,39 @@ class Daemon:
             fd = fds[0]
             if not host_memory.sealed(fd) or os.fstat(fd).st_size != size:
                 raise HostError(f"the copy handed over is not a sealed memfd of {size} bytes")
-            with self.lock:
-                if self.host.take(me.id, digest):
-                    self.host.copies[digest].coldable &= coldable
-                    return self._ok()
+            if (joined := self._join(me, digest, size, fd, coldable)) is not None:
+                return joined
             if host_memory.digest_fd(fd, size) != digest:  # not under the lock
                 raise HostError("the copy handed over does not hold the bytes named")
+            if (joined := self._join(me, digest, size, fd, coldable)) is not None:
+                return joined  # another user handed it over meanwhile
             with self.lock:
-                if self.host.take(me.id, digest):  # another user handed it over meanwhile
-                    return self._ok()
                 copy = self.host.make(me.id, digest, size)
                 copy.sealed, copy.coldable = True, coldable
                 self.host_fds[digest], fds[0] = fd, -1
                 self.changed.notify_all()
             log.warning("instance %d (%s) handed over its host copy", me.id, me.model)
-            return self._ok()
+            return self._ok(), []
         except HostError as e:
             raise ValueError(str(e)) from None
         finally:
             protocol.close_fds([fd for fd in fds if fd >= 0])
+
+    def _join(self, me: Instance, digest: str, size: int, fd: int, coldable: bool):
+        """Make ``me`` a user of this daemon's copy of ``digest``, if there is
+        one: the reply, with that copy's fd where it is not ``fd``'s memory."""
+        with self.lock:
+            copy = self.host.copies.get(digest)
+            if copy is None or not copy.sealed or copy.dropping:
+                return None
+            if copy.size != size:
+                raise HostError(f"the copy of these bytes is {copy.size} bytes, not {size}")
+            self.host.take(me.id, digest)
+            copy.coldable = copy.coldable and coldable
+            ours = self.host_fds[digest]
+            if _same_file(ours, fd):
+                return self._ok(), []
+            return self._ok(remap=True), [ours]
 
     def _make_cold(self, copy) -> bool:
         """Ask every user of ``copy`` (all asleep) to let it go, and wait until
@@ -754,12 +771,12 @@ class Daemon:
         with self.lock:
             copy.dropping = True
             users = [self.instances[u] for u in copy.users if u in self.instances]
-        for user in users:
-            if user.controller is not None:
-                user.controller.ask("drop_host")
+        refused = False
+        for user in users:  # each has a controller (_droppable)
+            refused = refused or not (user.controller and user.controller.ask("drop_host"))
         deadline = time.monotonic() + 2 * self.ask_timeout
         with self.lock:
-            while copy.users and time.monotonic() < deadline:
+            while copy.users and time.monotonic() < deadline and not refused:
                 if not all(map(self._asleep, copy.users)):
                     break
                 self.changed.wait(0.25)
@@ -776,6 +793,11 @@ class Daemon:
     def _asleep(self, instance_id: int) -> bool:
         inst = self.instances.get(instance_id)
         return inst is not None and inst.connected and inst.state == "asleep"
+
+    def _droppable(self, instance_id: int) -> bool:
+        """Asleep, and with a controller to ask to let its host copy go."""
+        inst = self.instances.get(instance_id)
+        return self._asleep(instance_id) and inst.controller is not None
 
     def _close_copy(self, digest: str) -> None:
         """The books freed a copy: free its memory (under the lock)."""
@@ -1026,6 +1048,7 @@ class Daemon:
                 host_used=self.host.used,
                 host_free=self.host.free,
                 host_balanced=self.host.balanced(),
+                host_memfds=len(self.host_fds),
                 host_copies=[
                     {
                         "digest": c.digest,
@@ -1038,6 +1061,11 @@ class Daemon:
                 ],
                 instances=instances,
             )
+
+
+def _same_file(a: int, b: int) -> bool:
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _exited(pidfd: int, timeout: float = 0.0) -> bool:

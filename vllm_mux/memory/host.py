@@ -105,6 +105,7 @@ class Mapping:
             os.close(fd)
             raise
         self.addr, self.fd = addr, fd
+        self.pinned = False  # page-locked by a device backend (the caller's to undo)
         import torch
 
         buffer = (ctypes.c_uint8 * size).from_address(addr)
