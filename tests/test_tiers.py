@@ -419,3 +419,14 @@ def test_updated_weights_never_let_their_copy_go(daemon):
     inst.sleep()
     assert not inst.drop_host() and inst.host is not None
     inst.client.close()
+
+
+def test_where_weights_load_straight_into_the_arena_no_model_goes_cold(daemon):
+    """On CUDA the arena also holds what loading left alive besides the
+    parameters: no reload restores that, so the host copy stays."""
+    inst = Instance(daemon.path, "m", key="m")
+    inst.reload = lambda: None
+    assert inst.coldable
+    inst.backend.device_type = "cuda"  # what decides it, on the cpu backend
+    assert not inst.coldable
+    inst.client.close()

@@ -227,8 +227,13 @@ class Instance:
     @property
     def coldable(self) -> bool:
         """Whether the model's files can restore these weights: the daemon
-        never drops the host copy of one that cannot be reloaded."""
-        return self.reload is not None and not self.updated
+        never drops the host copy of one that cannot be reloaded. Only on the
+        CPU, where the arena holds nothing but the parameters and buffers
+        moved into it: where weights load straight into the arena (CUDA), it
+        also holds whatever else loading left alive there (tensors kept as
+        plain attributes, freed blocks), which no reload restores."""
+        cpu = self.backend.device_type == "cpu"
+        return cpu and self.reload is not None and not self.updated
 
     def _keep_host_copy(self) -> None:
         """Hold the daemon's host copy of the arena's bytes as they are now,
