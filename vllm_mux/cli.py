@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from vllm_mux.bench import gpu, pages, soak
+from vllm_mux.bench import gpu, pages, soak, tiers
 from vllm_mux.daemon import default_socket
 from vllm_mux.memory import default_chunk_size
 
@@ -262,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     pages.add_arguments(bp)
     bp.set_defaults(run=pages.cli)
+    bp = bsub.add_parser(
+        "tiers", help="warm, partial, host and cold wakes of a real instance against a restart"
+    )
+    tiers.add_arguments(bp)
+    bp.set_defaults(run=tiers.run)
 
     args = parser.parse_args(argv)
     return args.run(args)
