@@ -1,6 +1,5 @@
 """Shared fixtures: the bundled model, a daemon, vLLM servers, the books."""
 
-import os
 import threading
 import time
 
@@ -120,21 +119,35 @@ class LiveDaemon:
         self.thread.join(2)  # a daemon thread: a hang here is caught by its own test
 
 
+def start_serve(argv: list[str], log_path, url: str, env=None):
+    """``vllm-mux serve`` with ``argv``, in a session of its own, logging to
+    ``log_path``: the process once ``url`` answers /health."""
+    import subprocess
+
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    deadline = time.monotonic() + 3 * PATIENCE_S  # only reached if serve hangs
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, open(log_path).read()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(1)
+    pytest.fail("vllm-mux serve did not start")
+
+
 def take_chunks(socket_path: str, n: int) -> None:
     """Another instance leases ``n`` chunks of a daemon served from this
     process and hands them back: whatever sleeper's bytes they held are gone
     (a lease takes chunks that hold nobody's bytes first). Returns once the
     daemon's thread for it has ended, its fds closed."""
+    from vllm_mux.bench import take
+
     threads = threading.active_count()
-    thief = Client(socket_path, timeout=10)
-    try:
-        thief.hello("thief", key=f"thief-{time.monotonic()}")
-        ids, fds = thief.lease(n)
-        for fd in fds:
-            os.close(fd)
-        thief.release(ids)
-    finally:
-        thief.close()
+    take(socket_path, n)
     deadline = time.monotonic() + PATIENCE_S
     while threading.active_count() > threads and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -285,29 +298,9 @@ def shmem_rss(pid: int) -> int:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, model_dir) -> str:
     """A tiny random Llama with the bundled model's tokenizer: another shape."""
-    import shutil
+    from vllm_mux.bench.tiers import make_tiny_model
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,  # head_dim 64: the CPU attention kernels need >= 32
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(f"{model_dir}/{name}", out / name)
-    return str(out)
+    return make_tiny_model(model_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
 def stream_text(

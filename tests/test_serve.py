@@ -15,7 +15,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import assert_books_balance
+from conftest import assert_books_balance, start_serve
 from vllm_mux.daemon.client import Client, DaemonError
 from vllm_mux.launch import free_port
 
@@ -43,19 +43,8 @@ def serve(tmp_path_factory, model_dir):
         "--model",
         f"broken={broken}",
     ]
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 1800  # only reached if serve hangs
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp / "serve.log").read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        pytest.fail("vllm-mux serve did not start")
+    proc = start_serve(argv, tmp / "serve.log", url)
     yield proc, url, sock, tmp
     if proc.poll() is None:  # the SIGTERM test did not run: serve stops its children
         proc.send_signal(signal.SIGTERM)
@@ -63,7 +52,6 @@ def serve(tmp_path_factory, model_dir):
             proc.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

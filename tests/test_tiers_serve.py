@@ -12,7 +12,6 @@ shared copy to the others and rejoins it when serve restarts it.
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,8 @@ import psutil
 import pytest
 import yaml
 
-from conftest import PATIENCE_S, assert_books_balance, take_chunks
+from conftest import PATIENCE_S, assert_books_balance, start_serve, take_chunks
+from vllm_mux.bench.tiers import make_tiny_model, weights_bytes
 from vllm_mux.daemon.client import Client
 from vllm_mux.launch import free_port
 
@@ -49,52 +49,15 @@ BUNDLED_ARGS = [*COMMON, "--kv-cache-memory-bytes", str(30 << 20)]  # 640 tokens
 TINY_ARGS = [*COMMON, "--kv-cache-memory-bytes", str(4 << 20)]
 
 
-def weight_bytes(model_dir: str) -> int:
-    """The bytes of a checkpoint's tensors: about its host copy's size (vLLM
-    adds a rotary cache of at most 2 MiB)."""
-    import glob
-    import math
-
-    from safetensors import safe_open
-
-    total = 0
-    for path in glob.glob(f"{model_dir}/*.safetensors"):
-        with safe_open(path, "pt") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                size = {"F32": 4, "F16": 2, "BF16": 2}[piece.get_dtype()]
-                total += math.prod(piece.get_shape()) * size
-    return total
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, model_dir) -> dict[str, str]:
     """Three tiny random Llamas of different shapes, with the bundled
     model's tokenizer (like conftest's ``tiny_model_dir``)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = {}
     for seed, (name, (hidden, heads, layers)) in enumerate(TINY.items()):
         path = tmp_path_factory.mktemp(name)
-        config = LlamaConfig(
-            vocab_size=49152,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=1,
-            head_dim=64,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        )
-        torch.manual_seed(seed)
-        LlamaForCausalLM(config).to(torch.float32).save_pretrained(path)
-        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-            shutil.copy(f"{model_dir}/{f}", path / f)
-        out[name] = str(path)
+        out[name] = make_tiny_model(model_dir, path, hidden, heads, layers, seed)
     return out
 
 
@@ -115,8 +78,8 @@ class Serve:
 def serve(tmp_path_factory, model_dir, tiny_models):
     tmp = tmp_path_factory.mktemp("tiers-serve")
     port, sock = free_port(), str(tmp / "mux.sock")
-    sizes = {name: weight_bytes(path) for name, path in tiny_models.items()}
-    bundled = weight_bytes(model_dir)
+    sizes = {name: weights_bytes(path) for name, path in tiny_models.items()}
+    bundled = weights_bytes(model_dir)
     # Room for the bundled model and two tiny ones, never all three: whichever
     # tiny model's copy is needed last makes a sleeping one's go (or the
     # bundled one's, if all three of its names sleep and it is used least).
@@ -141,28 +104,14 @@ def serve(tmp_path_factory, model_dir, tiny_models):
     argv = [sys.executable, "-m", "vllm_mux.cli", "serve", str(path)]
     argv += ["--socket", sock, "--log-dir", str(tmp / "logs")]
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    log = open(tmp / "serve.log", "w")
-    proc = subprocess.Popen(
-        argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 3000  # only reached if serve hangs
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp / "serve.log").read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    else:
-        pytest.fail("vllm-mux serve did not start")
+    proc = start_serve(argv, tmp / "serve.log", url, env=env)
     yield Serve(proc, url, sock, tmp, budget)
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
 
 
 # -- helpers --

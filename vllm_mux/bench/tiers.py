@@ -177,26 +177,29 @@ def plan(model_bytes: int, tiny_bytes: int, chunk_size: int, kv_per_token: int) 
     }
 
 
-def make_tiny_model(source: str, out: Path) -> str:
+def make_tiny_model(
+    source: str, out: Path, hidden: int = 128, heads: int = 2, layers: int = 2, seed: int = 0
+) -> str:
     """A tiny random Llama with ``source``'s tokenizer: other weights, few
-    bytes, one loader."""
+    bytes, one loader. head_dim 64: the CPU attention kernels need >= 32."""
     import torch
     from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
     vocab = AutoConfig.from_pretrained(source).vocab_size
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,  # head_dim 64: the CPU attention kernels need >= 32
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=1,
+        head_dim=64,
         max_position_embeddings=2048,
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):

@@ -18,18 +18,8 @@ import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
+from vllm_mux.memory.cpu import _mmap, _munmap
+
 _MAP_POPULATE = 0x8000
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 PIECE = 64 << 20  # bytes hashed at a time
@@ -97,10 +87,7 @@ class Mapping:
         self.size = size
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
-            addr = _libc.mmap(None, size, prot, mmap.MAP_SHARED | _MAP_POPULATE, fd, 0)
-            if addr == _MAP_FAILED or addr is None:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mmap of a host copy failed: {os.strerror(err)}")
+            addr = _mmap(None, size, prot, mmap.MAP_SHARED | _MAP_POPULATE, fd)
         except BaseException:
             os.close(fd)
             raise
@@ -116,7 +103,5 @@ class Mapping:
             return
         self.tensor = None
         os.close(self.fd)
-        if _libc.munmap(self.addr, self.size) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"munmap failed: {os.strerror(err)}")
+        _munmap(self.addr, self.size)
         self.addr = None
