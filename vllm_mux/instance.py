@@ -431,6 +431,7 @@ class Instance:
                 self.kv_cache.map(chunks[n:])
                 copying = time.perf_counter()
                 self.backend.synchronize()
+                copied_at = time.perf_counter()
                 reloaded = None
                 if self.host is None and not all(kept[:n]):
                     reloaded = self._reload(kept[:n])
@@ -446,7 +447,7 @@ class Instance:
             facts = {
                 "seconds": done - start,
                 "map_seconds": map_seconds,
-                "copy_wait_seconds": done - copying,
+                "copy_wait_seconds": copied_at - copying,
                 "bytes": self.weights.used,
                 "copied_bytes": copied,
                 "chunks_kept": sum(kept),
