@@ -683,12 +683,12 @@ class Instance:
             return
         try:
             theirs = client.host_adopt(self.digest, self._host.size, self._host.fd, self.coldable)
-            if theirs is not None:
-                mapping, self._host, self.host = self._host, None, None
+            if theirs is not None:  # theirs mapped first: never without a copy meanwhile
+                mapping = self._host
+                self._map_host_copy(theirs, mapping.size)
                 if mapping.pinned:
                     self.backend.unpin(mapping.addr)
                 mapping.close()
-                self._map_host_copy(theirs, mapping.size)
             return
         except Disconnected:
             raise
