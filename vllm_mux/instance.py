@@ -611,7 +611,10 @@ class Instance:
                 if client.closed:
                     return
                 # A descriptor of our own: nobody can close it, or reuse its number.
-                fd = os.dup(client.sock.fileno())
+                try:
+                    fd = os.dup(client.sock.fileno())
+                except OSError:  # its owner closed it just now (close() takes no lock)
+                    return
             try:
                 _wait_for_hangup(fd)
             finally:
