@@ -287,6 +287,17 @@ def mapped_ranges(pid: int) -> list[tuple[int, int, str, str]]:
     return out
 
 
+def perms_at(addr: int) -> str:
+    """The permissions of the mapping of this process that contains ``addr``."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if lo <= addr < hi:
+                return perms
+    return ""
+
+
 def shmem_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

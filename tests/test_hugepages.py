@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from conftest import perms_at
 from vllm_mux.memory import cpu
 from vllm_mux.memory.arena import Arena
 from vllm_mux.memory.cpu import HUGE_PAGE, PAGE_KINDS, Backend
@@ -46,16 +47,6 @@ def _prot_none_bytes() -> int:
                 lo, hi = (int(x, 16) for x in span.split("-"))
                 total += hi - lo
     return total
-
-
-def _perms_at(addr: int) -> str:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            lo, hi = (int(x, 16) for x in span.split("-"))
-            if lo <= addr < hi:
-                return perms
-    return ""
 
 
 # -- the decision --
@@ -154,10 +145,10 @@ def test_chunks_map_hold_unmap_remap(kind):
         t[:CS].fill_(0x11)
         t[CS:].fill_(0x22)
         t[CS - 1] = 0x33
-        assert _perms_at(a.base) == "rw-s"
+        assert perms_at(a.base) == "rw-s"
         a.unmap()
-        assert _perms_at(a.base) == "---p"
-        assert _perms_at(a.base + 2 * CS - 1) == "---p"
+        assert perms_at(a.base) == "---p"
+        assert perms_at(a.base + 2 * CS - 1) == "---p"
         a.map([be.import_(os.dup(c.fd), CS) for c in reversed(chunks)])  # swapped
         assert ctypes.string_at(a.base, 1) == b"\x22"
         assert ctypes.string_at(a.base + CS, 1) == b"\x11"
@@ -357,7 +348,7 @@ def test_reserve_is_2mib_aligned_and_exact():
         try:
             assert base % HUGE_PAGE == 0
             assert _prot_none_bytes() - before == size  # the extra was trimmed
-            assert _perms_at(base) == "---p" and _perms_at(base + size - 1) == "---p"
+            assert perms_at(base) == "---p" and perms_at(base + size - 1) == "---p"
         finally:
             be.free(base, size)
         assert _prot_none_bytes() == before

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import perms_at
 from vllm_mux.memory import backend as make_backend
 from vllm_mux.memory.arena import ALIGN, Arena
 from vllm_mux.memory.cpu import Backend
@@ -55,17 +56,6 @@ def _run_child(script: str, *args, timeout=60, **kw):
         env=_child_env(),
         **kw,
     )
-
-
-def _perms_at(addr: int) -> str:
-    """The permissions of the mapping of this process that contains ``addr``."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            span, perms = line.split()[:2]
-            lo, hi = (int(x, 16) for x in span.split("-"))
-            if lo <= addr < hi:
-                return perms
-    return ""
 
 
 # -- the backend --
@@ -128,13 +118,13 @@ def test_reserve_map_tensor_unmap_round_trip(be):
 
 def test_proc_maps_shows_reserved_mapped_unmapped(be, arenas):
     a = arenas(2 * CS)
-    assert _perms_at(a.base) == "---p"
+    assert perms_at(a.base) == "---p"
     a.map([be.create(CS)])
-    assert _perms_at(a.base).startswith("rw") and _perms_at(a.base)[3] == "s"
-    assert _perms_at(a.base + CS) == "---p"  # the rest stays reserved
+    assert perms_at(a.base).startswith("rw") and perms_at(a.base)[3] == "s"
+    assert perms_at(a.base + CS) == "---p"  # the rest stays reserved
     a.unmap()
-    assert _perms_at(a.base) == "---p"  # still reserved: nothing else can land there
-    assert _perms_at(a.base + CS - 1) == "---p"
+    assert perms_at(a.base) == "---p"  # still reserved: nothing else can land there
+    assert perms_at(a.base + CS - 1) == "---p"
 
 
 def test_touching_unmapped_arena_faults():
@@ -287,7 +277,7 @@ def test_addresses_survive_unmap_and_remap_of_other_chunks(be, arenas):
 def test_arena_unmap_with_nothing_mapped(arenas):
     a = arenas(CS)
     assert a.unmap() == []
-    assert _perms_at(a.base) == "---p"
+    assert perms_at(a.base) == "---p"
 
 
 def test_alloc_zero_bytes(be, arenas):

@@ -55,6 +55,7 @@ def test_a_warm_wake_copies_nothing_and_keeps_the_kv_cache(daemon):
     assert inst.last_wake["tier"] == "warm" and inst.last_wake["copied_bytes"] == 0
     assert inst.kv_intact and bool((kv == 5).all())  # the KV cache's bytes survived
     assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
+    status(daemon)  # the books of both tiers balance
     inst.client.close()
 
 
@@ -80,6 +81,7 @@ def test_a_partial_wake_copies_only_the_chunks_taken(daemon):
     assert inst.last_wake["copied_bytes"] == inst.weights.used
     assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
     kv.fill_(1)
+    status(daemon)  # the books of both tiers balance
     inst.client.close()
 
 
@@ -162,6 +164,7 @@ def test_an_instance_that_dies_leaves_a_shared_copy_to_the_others(daemon, childr
     inst.wake()  # from the copy the dead instance shared
     assert inst.last_wake["tier"] == "host"
     assert all(torch.equal(t, e) for t, e in zip(tensors, expected))
+    status(daemon)  # the books of both tiers balance
     inst.client.close()
 
 
@@ -330,6 +333,7 @@ def test_status_shows_what_a_sleeper_still_has_on_the_device_and_the_host(daemon
     assert cli.main(["status", "--socket", daemon.path]) == 0
     (line,) = [x for x in capsys.readouterr().out.splitlines() if "sleeper" in x]
     assert line.split()[3:5] == ["asleep", "cold"]
+    status(daemon)  # the books of both tiers balance
     inst.client.close()
 
 
@@ -418,6 +422,7 @@ def test_updated_weights_never_let_their_copy_go(daemon):
     inst.refresh_weights(tensors)
     inst.sleep()
     assert not inst.drop_host() and inst.host is not None
+    status(daemon)  # the books of both tiers balance
     inst.client.close()
 
 

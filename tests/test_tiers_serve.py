@@ -24,8 +24,7 @@ import pytest
 import yaml
 
 from conftest import PATIENCE_S, assert_books_balance, start_serve, take_chunks
-from vllm_mux.bench.tiers import make_tiny_model, weights_bytes
-from vllm_mux.daemon.client import Client
+from vllm_mux.bench.tiers import daemon_status, make_tiny_model, weights_bytes
 from vllm_mux.launch import free_port
 
 # Six vLLM servers start one after the other: on a busy 2-core machine that
@@ -126,14 +125,6 @@ def wait_until(predicate, timeout: float = PATIENCE_S):
     return value
 
 
-def status(sock: str) -> dict:
-    c = Client(sock)
-    try:
-        return c.status()
-    finally:
-        c.close()
-
-
 def instance(s: dict, model: str) -> dict:
     """The model's live instance (a killed one may sit beside it, disconnected)."""
     found = [i for i in s["instances"] if i["model"] == model and i["state"] != "disconnected"]
@@ -145,7 +136,7 @@ def check(srv: Serve) -> dict:
     """The daemon's status, once both tiers' books are checked: they balance,
     the host copies fit the budget, the bundled model's names map one copy
     between them, and weights that differ never share one."""
-    s = status(srv.sock)
+    s = daemon_status(srv.sock)
     assert_books_balance(s)
     assert s["host_budget"] == srv.budget and s["host_used"] <= s["host_budget"]
     copies = {c["digest"]: c for c in s["host_copies"]}
