@@ -4,9 +4,12 @@ for every platform's worker patch to check (``tools/check_upstream.py``).
 ``initialize_from_config`` asks for the "kv_cache" context; ``allocate_kv_cache``
 makes the cache with one ``torch.zeros`` inside it; ``EngineCore.sleep``
 pauses the scheduler and resets the prefix cache before the worker sleeps; the
-sleep-mode backend is resolved through the factory; the rest are the methods
-the shared code wraps (``vllm_mux.worker.install`` and ``GUARDED``). Not a
-patch itself: it patches nothing.
+sleep-mode backend is resolved through the factory; a cold wake reloads the
+weights in place with the model runner's ``reload_weights`` (upstream's
+``reload.inplace.reload_weights``), and only where ``get_model_loader`` gives a
+loader that can read them again; the rest are the methods the shared code
+wraps (``vllm_mux.worker.install`` and ``GUARDED``). Not a patch itself: it
+patches nothing.
 """
 
 SHARED_TARGETS = {
@@ -24,4 +27,7 @@ SHARED_TARGETS = {
     "vllm.v1.worker.utils.allocate_kv_cache": "b1f3e24311485a09",
     "vllm.v1.engine.core.EngineCore.sleep": "f08683c8b249ae7b",
     "vllm.device_allocator.sleep_mode_backend.SleepModeBackendFactory": "8ce0e2b60c9eb67e",
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner.reload_weights": "7e23f006519c4f4c",
+    "vllm.model_executor.model_loader.reload.inplace.reload_weights": "0beb9dbe9b2580c0",
+    "vllm.model_executor.model_loader.get_model_loader": "4647727e736016e9",
 }
