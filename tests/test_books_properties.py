@@ -70,6 +70,10 @@ class WarmPool(RuleBasedStateMachine):
             kept = [i for i in self.pool.free if self.bytes_of[i] == who]
             assert self.pool.resident(who) == len(kept)
             assert self.pool.intact(who, range(TOTAL)) == set(kept)
+        holders = {i: w for w, ids in self.held.items() for i in ids}
+        for i, cell in enumerate(self.pool.chunk_map()):  # the status page's picture
+            want = holders.get(i) or -(self.bytes_of[i] or 0)
+            assert cell == want, f"chunk {i}: the map says {cell}, the books {want}"
 
 
 BUDGET = 100

@@ -118,6 +118,13 @@ class Pool:
         self.release(instance, ids)
         return ids
 
+    def chunk_map(self) -> list[int]:
+        """Each chunk's standing, by id, for a picture of the pool (the status
+        page): the id of the instance holding it; minus the id of the sleeper
+        whose bytes it still holds, if free (the warm tier); 0 if free and
+        holding nobody's bytes."""
+        return [self.holder.get(i) or -self.kept.get(i, (0,))[0] for i in range(self.total)]
+
     @property
     def leased(self) -> int:
         return len(self.holder)

@@ -1043,6 +1043,7 @@ class Daemon:
                 total_chunks=self.pool.total,
                 free_chunks=len(self.pool.free),
                 leased_chunks=self.pool.leased,
+                chunk_map=self.pool.chunk_map(),
                 balanced=self.pool.balanced(),
                 host_budget=self.host.budget,
                 host_used=self.host.used,
