@@ -349,3 +349,35 @@ def stream_text(
             if stop is not None and stop.is_set():
                 break
     return "".join(parts)
+
+
+RAG_KEY = "sk-rag"
+
+
+@pytest.fixture(scope="session")
+def rag_serve(tmp_path_factory):
+    """``vllm-mux serve examples/rag.yaml`` (a chat and an embedding model on a
+    pool that holds one), with an API key, for every test of the router's
+    endpoints, controls and status page: one start for all of them. Tests that
+    pin, sleep or wake leave the models as they found them: unpinned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vllm_mux.launch import free_port
+
+    tmp = tmp_path_factory.mktemp("rag")
+    port, sock = free_port(), str(tmp / "mux.sock")
+    config = Path(__file__).parent.parent / "examples" / "rag.yaml"
+    argv = [sys.executable, "-m", "vllm_mux.cli", "serve", str(config), "--port", str(port)]
+    argv += ["--socket", sock, "--log-dir", str(tmp / "logs"), "--api-key", RAG_KEY]
+    url = f"http://127.0.0.1:{port}"
+    proc = start_serve(argv, tmp / "serve.log", url)
+    yield {"url": url, "socket": sock, "key": RAG_KEY, "tmp": tmp, "proc": proc}
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -49,6 +49,7 @@ from starlette.requests import ClientDisconnect
 
 from vllm_mux.daemon import protocol
 from vllm_mux.daemon.client import Client, DaemonError
+from vllm_mux.router import controls, page
 from vllm_mux.router.metrics import Metrics, model_states
 
 ROUTED = ("/v1/chat/completions", "/v1/completions")
@@ -181,6 +182,9 @@ def make_app(
 
     for path in ROUTED:
         app.add_api_route(path, router.endpoint(path), methods=["POST"], dependencies=auth)
+    # Each checks the API key itself: the page's HTML is served without one.
+    app.include_router(controls.routes(router))
+    app.include_router(page.routes(router))
     return app
 
 
