@@ -1,0 +1,411 @@
+"""A fleet of devices shared by many models, as a discrete-event simulation
+driven by the daemon's own policy (vllm_mux/daemon/policy.py).
+
+What it models, as the daemon and the controllers do it:
+
+- each device is a pool of chunks with its lease queue; each model is one
+  instance homed on one device (``homes``: the most requested model on device
+  0, the next on device 1, and so on, back and forth, so that each device gets
+  a similar share of the traffic); no replicas, no migration;
+- a request to a model that is not awake waits at its controller; an asleep
+  model with waiting requests asks its device for a lease; the policy picks
+  the first waiter, which is granted once it fits, and otherwise asks the
+  policy whom to ask to sleep, again at every event on the device and at the
+  policy's ``retry_at``;
+- a victim admits nothing more, finishes what it admitted, sleeps for
+  ``sleep_s`` and then its chunks are free; a wake copies the weights at the
+  host link's speed (plus a fixed cost) and admits every waiting request;
+- an awake instance runs up to ``batch`` requests at once, each for
+  ``prompt_tokens * prefill_s_per_token + output_tokens * decode_s_per_token``
+  seconds, its first token after the prefill and one decode step; the rest
+  wait in order.
+
+What it does not model: instances awake on one device do not slow each other
+down (each batch runs at the costs given); a wake's copy takes no compute;
+nobody sleeps for being idle (``idle_ttl`` outlasts a trace). At the start each
+device holds its most requested models awake while they fit, the rest asleep.
+"""
+
+import csv
+import heapq
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from vllm_mux.daemon.policy import DEFAULT, POLICIES, Knobs, View
+
+
+class Request(NamedTuple):
+    time: float  # seconds from the trace's start
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    weight_bytes: int  # what a wake copies from the host
+    kv_bytes: int = 0  # leased beside the weights, not copied
+    knobs: Knobs = field(default_factory=Knobs)
+    pinned: bool = False
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What switching and serving cost; ``bench switch`` measures them."""
+
+    h2d_gb_s: float = 25.0  # host-to-device copy of the weights, GB/s
+    wake_fixed_s: float = 0.05  # a wake's cost beside the copy: maps, the engine's resume
+    sleep_s: float = 0.05  # unmap and hand back; no copy (the host copy never goes stale)
+    prefill_s_per_token: float = 0.0002
+    decode_s_per_token: float = 0.02
+    batch: int = 16  # requests an instance runs at once
+
+    def wake_s(self, model: Model) -> float:
+        return model.weight_bytes / (self.h2d_gb_s * 1e9) + self.wake_fixed_s
+
+
+@dataclass(frozen=True)
+class Served:
+    request: Request
+    admitted: float  # when it stopped waiting for its model to be awake
+    first_token: float
+    done: float
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.request.time
+
+    @property
+    def wait(self) -> float:
+        """Seconds it waited for a switch (zero if its model was awake)."""
+        return self.admitted - self.request.time
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A model's time awake: from the end of its wake (0 for those awake at the
+    start) to the start of its sleep (inf if it never slept)."""
+
+    model: str
+    device: int
+    began: float
+    ended: float
+
+
+@dataclass(frozen=True)
+class Result:
+    served: tuple[Served, ...]  # in the trace's order
+    turns: tuple[Turn, ...]  # in the order they began
+    switches: int  # wakes, not counting the start
+    switching_s: float  # device time spent waking and sleeping, all devices together
+    devices: int
+    span_s: float  # from the first arrival to the last completion
+
+
+@dataclass
+class _Instance:
+    id: int
+    model: Model
+    device: int
+    need: int  # chunks it holds when awake
+    state: str = "asleep"
+    chunks: int = 0
+    draining: bool = False
+    waiting: deque = field(default_factory=deque)  # request indices, in arrival order
+    queued: deque = field(default_factory=deque)  # admitted, not started
+    running: int = 0
+    turn_began: float = 0.0
+    last_active: float = 0.0
+    turn: int | None = None  # its entry in the turns while awake
+
+    @property
+    def in_flight(self) -> int:
+        return self.running + len(self.queued)
+
+
+@dataclass
+class _Device:
+    free: int
+    instances: list[_Instance] = field(default_factory=list)
+    waiters: list[int] = field(default_factory=list)  # instance ids, in the order they asked
+    retries: set[float] = field(default_factory=set)
+
+
+def homes(models: Sequence[Model], trace: Sequence[Request], devices: int) -> dict[str, int]:
+    """Each model's device: by number of requests, most first, dealt back and forth
+    (0, 1, ..., G-1, G-1, ..., 0, 0, ...) so that each device gets a similar share."""
+    counts = Counter(r.model for r in trace)
+    ranked = sorted(models, key=lambda m: -counts[m.name])  # stable: ties keep the given order
+    out = {}
+    for k, m in enumerate(ranked):
+        lap, pos = divmod(k, devices)
+        out[m.name] = pos if lap % 2 == 0 else devices - 1 - pos
+    return out
+
+
+def simulate(
+    trace: Iterable[Request],
+    models: Sequence[Model],
+    costs: Costs,
+    *,
+    devices: int = 1,
+    pool_bytes: int,
+    chunk_bytes: int = 128 << 20,
+    policy: str = DEFAULT,
+) -> Result:
+    """Serve ``trace`` on ``devices`` devices of ``pool_bytes`` each under ``policy``."""
+    return _Simulation(sorted(trace, key=lambda r: r.time), models, costs, devices, pool_bytes,
+                       chunk_bytes, POLICIES[policy]).run()  # fmt: skip
+
+
+def one_model_per_device(trace: Iterable[Request], models: Sequence[Model], costs: Costs) -> Result:
+    """vLLM as shipped: each model awake on a device of its own, never switching."""
+    pool = max(m.weight_bytes + m.kv_bytes for m in models)
+    return simulate(trace, models, costs, devices=len(models), pool_bytes=pool, chunk_bytes=1)
+
+
+class _Simulation:
+    def __init__(self, trace, models, costs, devices, pool_bytes, chunk_bytes, policy):
+        self.trace, self.costs, self.policy = trace, costs, policy
+        self.devices = [_Device(pool_bytes // chunk_bytes) for _ in range(devices)]
+        home = homes(models, trace, devices)
+        counts = Counter(r.model for r in trace)
+        self.turns: list[list] = []  # model, device, began, ended
+        self.instances: list[_Instance] = []
+        self.by_model: dict[str, _Instance] = {}
+        for m in sorted(models, key=lambda m: -counts[m.name]):
+            need = math.ceil((m.weight_bytes + m.kv_bytes) / chunk_bytes)
+            device = self.devices[home[m.name]]
+            if need > pool_bytes // chunk_bytes:
+                raise ValueError(f"{m.name} needs {need} chunks; a device's pool has fewer")
+            inst = _Instance(len(self.instances), m, home[m.name], need)
+            if need <= device.free:  # started awake while it fits
+                inst.state, inst.chunks = "awake", need
+                device.free -= need
+                inst.turn = len(self.turns)
+                self.turns.append([m.name, home[m.name], 0.0, math.inf])
+            device.instances.append(inst)
+            self.instances.append(inst)
+            self.by_model[m.name] = inst
+        self.events: list = []
+        self.seq = 0
+        self.admitted = [math.nan] * len(trace)
+        self.first_token = [math.nan] * len(trace)
+        self.done = [math.nan] * len(trace)
+        self.switches = 0
+        self.switching_s = 0.0
+
+    def run(self) -> Result:
+        for index, request in enumerate(self.trace):
+            if request.model not in self.by_model:
+                raise ValueError(f"the trace asks for {request.model!r}, which is not a model")
+            self._at(request.time, self._arrive, index)
+        while self.events:
+            now, _, handler, arg = heapq.heappop(self.events)
+            handler(now, arg)
+        served = tuple(
+            Served(r, self.admitted[i], self.first_token[i], self.done[i])
+            for i, r in enumerate(self.trace)
+        )
+        span = max(self.done, default=0.0) - (self.trace[0].time if self.trace else 0.0)
+        turns = tuple(Turn(*t) for t in self.turns)
+        return Result(served, turns, self.switches, self.switching_s, len(self.devices), span)
+
+    def _at(self, time: float, handler, arg) -> None:
+        self.seq += 1  # ties go in the order they were scheduled
+        heapq.heappush(self.events, (time, self.seq, handler, arg))
+
+    # -- requests --
+
+    def _arrive(self, now: float, index: int) -> None:
+        inst = self.by_model[self.trace[index].model]
+        if inst.state == "awake" and not inst.draining:
+            self._admit(inst, index, now)
+        else:
+            inst.waiting.append(index)
+            if inst.state == "asleep" and len(inst.waiting) == 1:  # its first: wake it
+                self._ask_lease(inst)
+        self._arbitrate(inst.device, now)
+
+    def _admit(self, inst: _Instance, index: int, now: float) -> None:
+        self.admitted[index] = now
+        inst.queued.append(index)
+        self._start(inst, now)
+
+    def _start(self, inst: _Instance, now: float) -> None:
+        while inst.running < self.costs.batch and inst.queued:
+            index = inst.queued.popleft()
+            request = self.trace[index]
+            prefill = request.prompt_tokens * self.costs.prefill_s_per_token
+            decode = self.costs.decode_s_per_token
+            self.first_token[index] = now + prefill + decode
+            inst.running += 1
+            self._at(now + prefill + request.output_tokens * decode, self._finish, index)
+
+    def _finish(self, now: float, index: int) -> None:
+        self.done[index] = now
+        inst = self.by_model[self.trace[index].model]
+        inst.running -= 1
+        inst.last_active = now
+        self._start(inst, now)
+        if inst.draining and not inst.in_flight:
+            self._begin_sleep(inst, now)
+        self._arbitrate(inst.device, now)
+
+    # -- sleep and wake --
+
+    def _ask_lease(self, inst: _Instance) -> None:
+        self.devices[inst.device].waiters.append(inst.id)
+
+    def _drain(self, inst: _Instance, now: float) -> None:
+        inst.draining = True
+        if not inst.in_flight:
+            self._begin_sleep(inst, now)
+
+    def _begin_sleep(self, inst: _Instance, now: float) -> None:
+        inst.state = "sleeping"
+        self.turns[inst.turn][3] = now
+        self.switching_s += self.costs.sleep_s
+        self._at(now + self.costs.sleep_s, self._slept, inst)
+
+    def _slept(self, now: float, inst: _Instance) -> None:
+        inst.state, inst.draining = "asleep", False
+        self.devices[inst.device].free += inst.chunks
+        inst.chunks = 0
+        if inst.waiting:  # requests came while it drained: they wake it again
+            self._ask_lease(inst)
+        self._arbitrate(inst.device, now)
+
+    def _woke(self, now: float, inst: _Instance) -> None:
+        inst.state = "awake"
+        inst.turn_began = inst.last_active = now
+        inst.turn = len(self.turns)
+        self.turns.append([inst.model.name, inst.device, now, math.inf])
+        while inst.waiting:
+            self._admit(inst, inst.waiting.popleft(), now)
+        self._arbitrate(inst.device, now)
+
+    def _retry(self, now: float, device: int) -> None:
+        self.devices[device].retries.discard(now)
+        self._arbitrate(device, now)
+
+    # -- the policy --
+
+    def _view(self, inst: _Instance) -> View:
+        oldest = self.trace[inst.waiting[0]].time if inst.waiting else None
+        return View(
+            inst.id, inst.model.name, inst.state, inst.chunks, inst.model.pinned,
+            inst.model.knobs, inst.draining, inst.in_flight, len(inst.waiting), oldest,
+            inst.turn_began, inst.last_active,
+        )  # fmt: skip
+
+    def _arbitrate(self, d: int, now: float) -> None:
+        """What the daemon's lease loop does for its first waiter: grant while
+        the first fits, else ask the policy whom to put to sleep."""
+        device = self.devices[d]
+        while device.waiters:
+            views = {inst.id: self._view(inst) for inst in device.instances}
+            first = self.instances[
+                self.policy.next_to_wake([views[i] for i in device.waiters], now)
+            ]
+            if first.need <= device.free:
+                device.waiters.remove(first.id)
+                device.free -= first.need
+                first.state, first.chunks = "waking", first.need
+                wake = self.costs.wake_s(first.model)
+                self.switches += 1
+                self.switching_s += wake
+                self._at(now + wake, self._woke, first)
+                continue
+            decision = self.policy.victims(
+                views[first.id], first.need, device.free, list(views.values()), now
+            )
+            for i in decision.sleep:
+                self._drain(self.instances[i], now)
+            retry = decision.retry_at
+            if retry is not None and retry > now and retry not in device.retries:
+                device.retries.add(retry)
+                self._at(retry, self._retry, d)
+            return
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile (0 < q <= 100); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def summary(result: Result, slo_s: float) -> dict:
+    """The figures a policy is judged by, for a time-to-first-token SLO of ``slo_s``."""
+    ttfts = [s.ttft for s in result.served]
+    good = sum(t <= slo_s for t in ttfts)
+    span = result.span_s or math.nan
+    return {
+        "requests": len(ttfts),
+        "completed_per_s": len(ttfts) / span,
+        "goodput_per_s": good / span,  # requests within the SLO, per second
+        "slo_attainment": good / len(ttfts) if ttfts else math.nan,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p95_s": percentile(ttfts, 95),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "switches_per_min": result.switches / span * 60,
+        "switching_fraction": result.switching_s / (result.devices * span),
+    }
+
+
+# -- workloads --
+
+
+def synthetic(
+    models: Sequence[str],
+    *,
+    duration_s: float,
+    rate_per_s: float,
+    zipf_s: float = 1.0,
+    cv: float = 1.0,
+    prompt_tokens: float = 256,
+    output_tokens: float = 64,
+    length_sigma: float = 0.5,
+    seed: int = 0,
+) -> list[Request]:
+    """A seeded multi-model workload: ``rate_per_s`` requests a second in all,
+    the k-th model getting a share proportional to 1/k**zipf_s; each model's
+    arrivals a Gamma renewal process with coefficient of variation ``cv`` (1:
+    Poisson; above 1: bursty); prompt and output lengths log-normal around the
+    given means."""
+    if cv <= 0:
+        raise ValueError(f"the coefficient of variation must be positive, not {cv}")
+    rng = random.Random(seed)
+    weights = [1 / (k + 1) ** zipf_s for k in range(len(models))]
+    shape = 1 / cv**2
+
+    def length(mean: float) -> int:
+        return max(1, round(rng.lognormvariate(math.log(mean) - length_sigma**2 / 2, length_sigma)))
+
+    trace = []
+    for name, weight in zip(models, weights):
+        rate = rate_per_s * weight / sum(weights)
+        t = rng.gammavariate(shape, 1 / (rate * shape))
+        while t < duration_s:
+            trace.append(Request(t, name, length(prompt_tokens), length(output_tokens)))
+            t += rng.gammavariate(shape, 1 / (rate * shape))
+    return sorted(trace, key=lambda r: r.time)
+
+
+def read_trace(path: str) -> list[Request]:
+    """A trace file: CSV with a header naming time (seconds), model,
+    prompt_tokens, output_tokens; any other columns are ignored."""
+    with open(path, newline="") as f:
+        trace = [
+            Request(float(row["time"]), row["model"], int(row["prompt_tokens"]),
+                    int(row["output_tokens"]))
+            for row in csv.DictReader(f)
+        ]  # fmt: skip
+    return sorted(trace, key=lambda r: r.time)
