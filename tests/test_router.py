@@ -13,6 +13,7 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 
 import httpx
 import openai
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LiveDaemon
 from vllm_mux.router import METRICS, make_app
-from vllm_mux.router.app import Upstream
+from vllm_mux.router.app import FORM_ROUTED, RESPONSE_ROUTES, ROUTED, Upstream
 
 CS = 64 << 10  # small chunks keep the pool cheap
 PAUSE = 0.02  # between two streamed chunks of a fake
@@ -70,18 +71,75 @@ class FakeVllm:
     "die" makes a stream break off after two chunks. ``status`` 503 answers
     like an instance that cannot wake in time; a ``gate`` holds every request
     until it is set. ``abandoned`` lists the requests whose client went away.
+    Every other endpoint of vLLM's (``echo``) answers with what reached it.
     """
 
     def __init__(self, name: str, status: int = 200, gated: bool = False):
         self.name, self.status = name, status
         self.gate = threading.Event() if gated else None
         self.arrived: list[dict] = []  # headers of every request
+        self.echoed: list[Echoed] = []
         self.abandoned: list[str] = []
         app = FastAPI()
         app.post("/v1/chat/completions")(self.chat)
         app.post("/v1/completions")(self.completions)
+        for path in (*ROUTED, *FORM_ROUTED):
+            if path not in ("/v1/chat/completions", "/v1/completions"):
+                app.post(path)(self.echo)
+        for method, path in RESPONSE_ROUTES:
+            app.add_api_route(path, self.echo, methods=[method])
         self.served = Served(app)
         self.url = self.served.url
+
+    async def echo(self, request: Request):
+        """What arrived, as JSON (for the openai client: an embedding, a
+        transcription's text and a response, all in one); a new response's
+        id is ``resp-<name>-<n>``; ``stream`` in a JSON body or the query asks
+        for Responses API events."""
+        body = await request.body()
+        seen = Echoed(
+            request.method,
+            request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+            request.headers.get("content-type"),
+            body,
+        )
+        self.echoed.append(seen)
+        self.arrived.append(dict(request.headers))
+        if not await self._through_gate(request, f"{seen.method} {seen.path}"):
+            return JSONResponse({}, 499)
+        if self.status != 200:
+            return self._refusal()
+        answer = {
+            "id": request.path_params.get("response_id", f"resp-{self.name}-{len(self.echoed)}"),
+            "object": "echo",
+            "created_at": 0,
+            "model": self.name,
+            "path": seen.path,
+            "text": f"{self.name}: {seen.path}",
+            "data": [{"object": "embedding", "index": 0, "embedding": [1.0, 2.0]}],
+            "output": [],
+            "usage": {"prompt_tokens": 1, "total_tokens": 1},
+        }
+        asked = json.loads(body) if seen.content_type == "application/json" else {}
+        if asked.get("stream") or request.query_params.get("stream") == "true":
+            created = {"type": "response.created", "sequence_number": 0, "response": answer}
+            events = f"event: response.created\ndata: {json.dumps(created)}\n\n"
+            return StreamingResponse(iter([events]), media_type="text/event-stream")
+        return answer
+
+    async def _through_gate(self, request, tag) -> bool:
+        """Held at the gate, if any; False if the client went away meanwhile."""
+        if self.gate is not None:
+            while not self.gate.is_set():
+                if await request.is_disconnected():
+                    self.abandoned.append(tag)
+                    return False
+                await asyncio.sleep(0.01)
+        return True
+
+    def _refusal(self):
+        error = {"message": "could not wake", "type": "ServiceUnavailableError", "code": 503}
+        return JSONResponse({"error": error}, self.status, headers={"Retry-After": "5"})
 
     async def chat(self, request: Request):
         body = await request.json()
@@ -110,15 +168,10 @@ class FakeVllm:
 
     async def _answer(self, request, body, prompt, chunk, answer):
         self.arrived.append(dict(request.headers))
-        if self.gate is not None:
-            while not self.gate.is_set():
-                if await request.is_disconnected():
-                    self.abandoned.append(prompt)
-                    return JSONResponse({}, 499)
-                await asyncio.sleep(0.01)
+        if not await self._through_gate(request, prompt):
+            return JSONResponse({}, 499)
         if self.status != 200:
-            error = {"message": "could not wake", "type": "ServiceUnavailableError", "code": 503}
-            return JSONResponse({"error": error}, self.status, headers={"Retry-After": "5"})
+            return self._refusal()
         if not body.get("stream"):
             return _complete(self.name, answer(f"{self.name}: {prompt}"))
         return StreamingResponse(
@@ -140,6 +193,16 @@ class FakeVllm:
         finally:
             if not finished:
                 self.abandoned.append(prompt)
+
+
+@dataclass
+class Echoed:
+    """A request as it reached a fake: the path with its query."""
+
+    method: str
+    path: str
+    content_type: str | None
+    body: bytes
 
 
 def _complete(model: str, partial: dict) -> dict:
@@ -628,3 +691,267 @@ def test_restarting_and_failed_models_as_serve_reports_them(router_factory, fake
     # Serve started alpha again, on a new port: the next request goes there.
     alpha.url, alpha.state = fakes["beta"].url, None
     assert chat(client(router), "alpha", "back").choices[0].message.content == "beta: back"
+
+
+# -- every endpoint of vLLM's --
+
+# vLLM's endpoints the router does not forward, and why; the guard below fails
+# on any other that vLLM serves and the router does not forward.
+LEFT_OUT = {
+    **dict.fromkeys(("/health", "/v1/models", "/metrics"), "the router answers it itself"),
+    **dict.fromkeys(
+        ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"),
+        "no schema or docs: they would list the endpoints to anyone",
+    ),
+    **dict.fromkeys(
+        ("/load", "/version", "/kv_event_sources", "/ping", "/tokenizer_info", "/server_info"),
+        "about one server, with no model to route by (the router's /health and /v1/models "
+        "speak for all)",
+    ),
+    "/v1/realtime": "a WebSocket, whose model comes in a message after it opened: the router "
+    "forwards HTTP requests",
+    **dict.fromkeys(
+        ("/sleep", "/wake_up", "/is_sleeping", "/release_kv_cache_memory"),
+        "vllm-mux sleeps and wakes instances itself (through the daemon)",
+    ),
+    **dict.fromkeys(
+        (
+            "/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache", "/collective_rpc",
+            "/start_profile", "/stop_profile", "/v1/load_lora_adapter",
+            "/v1/unload_lora_adapter", "/adapters", "/adapters/{adapter_name}", "/pause",
+            "/resume", "/is_paused", "/abort_requests", "/inference/v1/abort_requests",
+            "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine",
+            "/start_weight_update", "/start_draft_weight_update", "/update_weights",
+            "/finish_weight_update", "/update_weight_version", "/weight_info",
+            "/weight_checker", "/get_world_size", "/scale_elastic_ep", "/is_scaling_elastic_ep",
+            "/fault_tolerance/apply", "/fault_tolerance/status",
+        ),
+        "an operator's control of one server (admin, dev, RL, scaling), not a request by model",
+    ),
+}  # fmt: skip
+
+# Every route vLLM's server can have: its app built with every task and every
+# optional group of endpoints on, with a stand-in for the model's config
+# (an embedding model, so that every pooling endpoint is there).
+VLLM_ROUTES = """
+import json, types, typing
+from vllm.entrypoints.launchers.app import build_app
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.tasks import SupportedTask
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from starlette.routing import Mount, WebSocketRoute
+
+args = make_arg_parser(FlexibleArgumentParser()).parse_args([
+    "--enable-tokenizer-info-endpoint", "--enable-fault-tolerance",
+    "--profiler-config", '{"profiler": "torch", "torch_profiler_dir": "/tmp"}',
+])
+config = types.SimpleNamespace(get_pooling_task=lambda tasks: "embed", architecture="",
+                               hf_config=None)
+app = build_app(args, typing.get_args(SupportedTask), config)
+routes = []
+for r in app.routes:
+    if isinstance(r, WebSocketRoute):
+        routes.append(("WEBSOCKET", r.path))
+    elif not isinstance(r, Mount):
+        routes += [(m, r.path) for m in r.methods - {"HEAD"}]
+print(json.dumps(routes))
+"""
+
+
+def test_the_router_forwards_every_request_endpoint_vllm_serves():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", VLLM_ROUTES], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    served = {tuple(r) for r in json.loads(done.stdout.splitlines()[-1])}
+    forwarded = {("POST", p) for p in (*ROUTED, *FORM_ROUTED)} | set(RESPONSE_ROUTES)
+    unaccounted = {r for r in served - forwarded if r[1] not in LEFT_OUT}
+    assert not unaccounted, f"vLLM serves these: forward them or say why not: {unaccounted}"
+    assert forwarded <= served, forwarded - served  # nothing vLLM no longer serves
+    assert set(LEFT_OUT) <= {path for _, path in served}, set(LEFT_OUT) - {p for _, p in served}
+    assert len(ROUTED + FORM_ROUTED) == len(set(ROUTED + FORM_ROUTED))
+
+
+def test_every_json_endpoint_reaches_its_model(router, fakes):
+    for i, path in enumerate(p for p in ROUTED if p not in ("/v1/chat/completions",
+                                                              "/v1/completions")):  # fmt: skip
+        model = ("alpha", "beta")[i % 2]
+        body = json.dumps({"model": model, "input": path}).encode()
+        r = httpx.post(f"{router.url}{path}", content=body, headers={"X-Trace": path})
+        assert r.status_code == 200, (path, r.text)
+        assert (r.json()["model"], r.json()["path"]) == (model, path)
+        seen = fakes[model].echoed[-1]
+        assert (seen.method, seen.path, seen.body) == ("POST", path, body)
+        assert seen.content_type == "application/json"  # whatever the client said
+        assert fakes[model].arrived[-1]["x-trace"] == path
+
+
+def test_embeddings_responses_and_audio_through_the_openai_client(router, fakes):
+    c = client(router)
+    r = c.embeddings.create(model="beta", input=["a", "b"], encoding_format="float")
+    assert r.model == "beta" and r.data[0].embedding == [1.0, 2.0]
+    assert fakes["beta"].echoed[-1].path == "/v1/embeddings"
+    r = c.responses.create(model="alpha", input="hi")
+    assert r.model == "alpha" and fakes["alpha"].echoed[-1].path == "/v1/responses"
+    events = list(c.responses.create(model="beta", input="hi", stream=True))
+    assert events[0].type == "response.created" and events[0].response.model == "beta"
+
+    # Transcriptions by the openai client, translations (deprecated there) by httpx.
+    audio = b"RIFF\x00\x01fake audio\r\n--not-a-boundary\r\n" * 100
+    for model in ("alpha", "beta"):
+        answer = c.audio.transcriptions.create(model=model, file=("a.wav", audio, "audio/wav"))
+        assert answer.text == f"{model}: /v1/audio/transcriptions"
+        r = httpx.post(f"{router.url}/v1/audio/translations", data={"model": model},
+                       files={"file": ("a.wav", audio, "audio/wav")})  # fmt: skip
+        assert r.json()["text"] == f"{model}: /v1/audio/translations"
+        for seen, path in zip(fakes[model].echoed[-2:], FORM_ROUTED):
+            assert seen.path == path and audio in seen.body
+            assert seen.content_type.startswith("multipart/form-data; boundary=")
+
+
+def multipart(*parts: tuple[str, str | None, bytes], boundary="b0und") -> tuple[bytes, dict]:
+    """A multipart/form-data body of (name, filename, value) parts, and its headers."""
+    body = b""
+    for name, filename, value in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode()
+        body += value + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f'multipart/form-data; boundary="{boundary}"'}
+
+
+def test_a_form_is_routed_by_its_model_field_and_passed_on_as_it_came(router, fakes):
+    path = f"{router.url}/v1/audio/transcriptions"
+    # The model after the file, twice (FastAPI, and so vLLM, reads the last),
+    # with a file part named "model" that is not the field.
+    body, headers = multipart(
+        ("file", "model.wav", b'name="model"\r\n\r\nalpha'),
+        ("model", "x.txt", b"alpha"),
+        ("model", None, b"alpha"),
+        ("model", None, b"beta"),
+        ("language", None, b"en"),
+    )
+    r = httpx.post(path, content=body, headers=headers)
+    assert r.status_code == 200 and r.json()["model"] == "beta"
+    seen = fakes["beta"].echoed[-1]
+    assert (seen.body, seen.content_type) == (body, headers["Content-Type"])
+    # A form that asks for a stream is relayed as one.
+    body, headers = multipart(("file", "a.wav", b"x"), ("model", None, b"alpha"),
+                              ("stream", None, b"true"))  # fmt: skip
+    r = httpx.post(path, content=body, headers=headers)
+    assert r.status_code == 200 and fakes["alpha"].echoed[-1].body == body
+
+
+def test_a_body_without_a_usable_model_is_a_400(router, fakes):
+    arrived = {name: len(fake.arrived) for name, fake in fakes.items()}
+    for path in ("/v1/embeddings", "/tokenize", "/v1/responses", "/rerank"):
+        for body in ({"input": "x"}, {"model": ""}, {"model": 7}, {"model": None}):
+            r = httpx.post(f"{router.url}{path}", json=body)
+            assert assert_error(r, 400, None)["param"] == "model"
+    form = f"{router.url}/v1/audio/translations"
+    for parts in ([("file", "a.wav", b"x")], [("file", "a.wav", b"x"), ("model", None, b"")],
+                  [("model", "model.txt", b"alpha")]):  # fmt: skip
+        body, headers = multipart(*parts)
+        assert (
+            assert_error(httpx.post(form, content=body, headers=headers), 400, None)["param"]
+            == "model"
+        )
+    # Not a form at all, a form without a boundary, a broken or non-UTF-8 one.
+    assert_error(httpx.post(form, json={"model": "alpha"}), 400, None)
+    body, headers = multipart(("model", None, b"alpha"))
+    no_boundary = {"Content-Type": "multipart/form-data"}
+    assert_error(httpx.post(form, content=body, headers=no_boundary), 400, None)
+    bad = {"Content-Type": 'multipart/form-data; boundary="b0und"'}
+    assert_error(httpx.post(form, content=b"--b0und\r\nno headers end", headers=bad), 400, None)
+    assert_error(httpx.post(form, content=body.replace(b"alpha", b"\xff"), headers=bad), 400, None)
+    # The model named must be served.
+    body, headers = multipart(("model", None, b"gamma"))
+    assert_error(httpx.post(form, content=body, headers=headers), 404, "model_not_found")
+    assert {name: len(fake.arrived) for name, fake in fakes.items()} == arrived
+    n = 4 * 4 + 3 + 4  # JSON, forms without a model, bad forms
+    assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "400"))] == n
+    assert_serving(router)
+
+
+def test_a_form_over_the_limit_is_refused(router_factory):
+    router = router_factory(max_body=64 << 10)
+    body, headers = multipart(("file", "a.wav", b"x" * (64 << 10)), ("model", None, b"alpha"))
+    r = httpx.post(f"{router.url}/v1/audio/transcriptions", content=body, headers=headers)
+    assert_error(r, 413, "request_too_large")
+
+
+def test_a_response_is_fetched_and_cancelled_where_it_was_made(router_factory, fakes, monkeypatch):
+    from vllm_mux.router import app
+
+    monkeypatch.setattr(app, "RESPONSE_IDS", 3)
+    router = router_factory()
+    c = client(router)
+    made = c.responses.create(model="beta", input="hi").id
+    streamed = next(iter(c.responses.create(model="alpha", input="hi", stream=True))).response.id
+    assert made.startswith("resp-beta-") and streamed.startswith("resp-alpha-")
+    assert c.responses.retrieve(made).model == "beta"
+    assert fakes["beta"].echoed[-1].path == f"/v1/responses/{made}"
+    r = httpx.get(f"{router.url}/v1/responses/{streamed}?stream=true&starting_after=2")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert (
+        fakes["alpha"].echoed[-1].path == f"/v1/responses/{streamed}?stream=true&starting_after=2"
+    )
+    assert c.responses.cancel(streamed).model == "alpha"
+    seen = fakes["alpha"].echoed[-1]
+    assert (seen.method, seen.path) == ("POST", f"/v1/responses/{streamed}/cancel")
+    # An id nobody made, and one forgotten: the last RESPONSE_IDS are kept.
+    with pytest.raises(openai.NotFoundError) as e:
+        c.responses.retrieve("resp-nobody")
+    assert e.value.body["param"] == "response_id"
+    for _ in range(2):
+        c.responses.create(model="alpha", input="more")
+    assert_error(httpx.post(f"{router.url}/v1/responses/{made}/cancel"), 404, None)
+    assert c.responses.retrieve(streamed).model == "alpha"
+
+
+def test_a_new_endpoint_queues_and_counts_like_chat(router_factory, fakes):
+    router = router_factory(max_queue=1)
+    slow = fakes["slow"]
+    slow.gate.clear()
+    queue = "vllm_mux:request_queue_length", (("model", "slow"),)
+    embed = {"model": "slow", "input": "first"}
+    try:
+        held = threading.Thread(
+            target=lambda: httpx.post(f"{router.url}/v1/embeddings", json=embed, timeout=60),
+            daemon=True,
+        )
+        held.start()
+        assert wait_for(lambda: slow.echoed and metrics(router)[queue] == 1)
+        body, headers = multipart(("file", "a.wav", b"x"), ("model", None, b"slow"))
+        r = httpx.post(f"{router.url}/v1/audio/transcriptions", content=body, headers=headers)
+        assert_error(r, 429, "rate_limit_exceeded", retry_after="1")
+        assert_serving(router)
+    finally:
+        slow.gate.set()
+    held.join(PATIENCE_S)
+    assert wait_for(lambda: metrics(router)[queue] == 0)
+    # A client that gives up waiting: the upstream request is abandoned too.
+    slow.gate.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{router.url}/score", json={"model": "slow"}, timeout=0.3)
+        assert wait_for(lambda: "POST /score" in slow.abandoned)
+    finally:
+        slow.gate.set()
+    # The instance's refusal and an instance that is gone, as for chat.
+    r = httpx.post(f"{router.url}/v1/embeddings", json={"model": "busy", "input": "x"})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["error"]["message"] == "could not wake"
+    assert_error(httpx.post(f"{router.url}/tokenize", json={"model": "dead"}), 503,
+                 "model_unavailable", retry_after="5")  # fmt: skip
+    m = metrics(router)
+    for status, n in (("200", 1), ("429", 1), ("499", 1)):
+        assert m["vllm_mux:requests_total", (("model", "slow"), ("status", status))] == n
+    assert m["vllm_mux:requests_total", (("model", "busy"), ("status", "503"))] == 1
+    assert m["vllm_mux:requests_total", (("model", "dead"), ("status", "503"))] == 1
+    assert m["vllm_mux:time_to_first_token_seconds_count", (("model", "slow"),)] == 1
+    assert m[queue] == 0

@@ -4,7 +4,11 @@ Clients of a vllm-mux device want one base URL, as with any OpenAI-style
 service, while vLLM serves one model per process, each on its own port. The
 router routes each request by its ``model`` to that model's server and
 passes the answer back as it comes: status, body and ``Retry-After`` as the
-instance sent them, a stream chunk by chunk as vLLM writes it.
+instance sent them, a stream chunk by chunk as vLLM writes it. It does so for
+every request endpoint of vLLM's server (``ROUTED``, ``FORM_ROUTED``): chat
+and completions, responses, embeddings, pooling, scores and reranking,
+tokens, audio; a stored response, fetched or cancelled by its id alone, goes
+to the model that answered it.
 
 It never wakes an instance itself: under vllm-mux a request reaching a
 sleeping instance wakes it, and the instance answers 503 with Retry-After
@@ -36,14 +40,18 @@ import json
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import anyio
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.exposition import choose_encoder
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -52,7 +60,34 @@ from vllm_mux.daemon.client import Client, DaemonError
 from vllm_mux.router import controls, page
 from vllm_mux.router.metrics import Metrics, model_states
 
-ROUTED = ("/v1/chat/completions", "/v1/completions")
+# vLLM 0.32's request endpoints whose JSON body names the model, each forwarded
+# to that model's server. tests/test_router.py checks them against vLLM's own
+# routes, with the ones left out and why.
+ROUTED = (
+    # OpenAI's
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings",
+    # vLLM's: pooling, classification, scores and reranking (Jina's and
+    # Cohere's shapes), tokens, batched chat
+    "/pooling", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+    "/v2/embed", "/tokenize", "/detokenize", "/generative_scoring", "/v1/systemone",
+    "/v1/chat/completions/batch",
+    # Anthropic's Messages API, and SageMaker's one door to all of the above
+    "/v1/messages", "/v1/messages/count_tokens", "/invocations",
+    # disaggregated serving: a request rendered into tokens, tokens generated, and back
+    "/v1/chat/completions/render", "/v1/completions/render", "/v1/messages/render",
+    "/v1/responses/render", "/inference/v1/generate", "/v1/chat/completions/derender",
+    "/v1/completions/derender",
+)  # fmt: skip
+# multipart/form-data: the model is a form field, beside the audio file.
+FORM_ROUTED = ("/v1/audio/transcriptions", "/v1/audio/translations")
+# A stored response is fetched or cancelled by its id, with no model: the
+# router remembers which model answered each of the last RESPONSE_IDS ids.
+RESPONSE_ROUTES = (("GET", "/v1/responses/{response_id}"),
+                   ("POST", "/v1/responses/{response_id}/cancel"))  # fmt: skip
+RESPONSE_IDS = 10_000
+# A response's first event echoes the request (instructions, tools): the most
+# of a stream read for its id.
+RESPONSE_HEAD_BYTES = 1 << 20
 
 RETRY_AFTER_GONE_S = 5  # what an instance that cannot wake in time says too
 RETRY_AFTER_FULL_S = 1
@@ -180,8 +215,11 @@ def make_app(
         body = await asyncio.to_thread(encode, router.metrics.registry)
         return Response(body, headers={"Content-Type": content_type})
 
-    for path in ROUTED:
-        app.add_api_route(path, router.endpoint(path), methods=["POST"], dependencies=auth)
+    routes = [(path, "POST", router.json_route) for path in ROUTED]
+    routes += [(path, "POST", router.form_route) for path in FORM_ROUTED]
+    routes += [(path, method, router.response_route) for method, path in RESPONSE_ROUTES]
+    for path, method, route in routes:
+        app.add_api_route(path, router.endpoint(route), methods=[method], dependencies=auth)
     # Each checks the API key itself: the page's HTML is served without one.
     app.include_router(controls.routes(router))
     app.include_router(page.routes(router))
@@ -198,6 +236,7 @@ class Router:
         self.daemon_socket, self.api_key, self.max_queue = daemon_socket, api_key, max_queue
         self.max_body = max_body
         self.queued = dict.fromkeys(self.upstreams, 0)  # requests in the router, by model
+        self.response_models: OrderedDict[str, str] = OrderedDict()  # response id: model
         self.metrics = Metrics(self.upstreams, self.read_status, self.queued)
         self.created = int(time.time())
         self.http: httpx.AsyncClient | None = None
@@ -259,22 +298,25 @@ class Router:
             data.append(entry)
         return {"object": "list", "data": data}
 
-    def endpoint(self, path: str):
-        """The route handler that forwards to ``path`` on the model's server."""
+    def endpoint(self, route):
+        """A route handler that forwards where ``route`` says (``json_route``,
+        ``form_route``, ``response_route``)."""
 
         async def forward(request: Request) -> Response:
-            return await self.forward(request, path)
+            return await self.forward(request, route)
 
         return forward
 
-    async def forward(self, request: Request, path: str) -> Response:
+    async def forward(self, request: Request, route) -> Response:
         started = time.perf_counter()
         model = ""  # until the request names a served model
         try:
             headers = _headers_on(request)
-            model, stream, body = self._route(await self._body(request))
+            model, path, stream, body, content_type = await route(request)
+            if content_type is not None:
+                headers["content-type"] = content_type
             self._check_running(model)
-            work = self._forward(model, path, body, stream, headers, started)
+            work = self._forward(model, request.method, path, body, stream, headers, started)
             response = await _unless_client_leaves(request, work)
         except ApiError as e:
             self.metrics.count(model, e.status)
@@ -286,6 +328,61 @@ class Router:
             raise ApiError(500, "The router failed on this request.", "server_error") from None
         self.metrics.count(model, response.status_code)
         return response
+
+    async def json_route(self, request: Request):
+        """(model, upstream path, stream?, body, Content-Type) of a request
+        whose JSON body names its model."""
+        body = await self._body(request)
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
+            raise ApiError(
+                400, "The request body is not valid JSON.", "invalid_request_error"
+            ) from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "The request body is not a JSON object.", "invalid_request_error")
+        model = self._served(payload.get("model"))
+        # vLLM's endpoints take JSON only, and the body parsed as JSON.
+        path = request.scope["route"].path
+        return model, path, payload.get("stream") is True, body, "application/json"
+
+    async def form_route(self, request: Request):
+        """The same for a multipart/form-data request (audio): the model is a
+        form field; the body goes on as it came, with its own Content-Type
+        (and boundary)."""
+        content_type = request.headers.get("content-type", "")
+        body = await self._body(request)
+        fields = _form_fields(content_type, body, ("model", "stream"))
+        model = self._served(fields.get("model"))
+        path = request.scope["route"].path
+        return model, path, _true(fields.get("stream", "")), body, content_type
+
+    async def response_route(self, request: Request):
+        """The same for a stored response fetched or cancelled by id: the
+        model that answered that id, no body."""
+        response_id = request.path_params["response_id"]
+        model = self.response_models.get(response_id)
+        if model is None:
+            raise ApiError(
+                404,
+                f"Response with id '{response_id}' not found.",
+                "invalid_request_error",
+                param="response_id",
+            )
+        path = "/v1/responses/" + quote(response_id, safe="")
+        if request.url.path.endswith("/cancel"):
+            path += "/cancel"
+        if request.url.query:
+            path += "?" + request.url.query
+        return model, path, _true(request.query_params.get("stream", "")), b"", None
+
+    def remember_response(self, model: str, response_id) -> None:
+        """Keep which model answered ``response_id``, for the last RESPONSE_IDS."""
+        if isinstance(response_id, str) and response_id:
+            self.response_models[response_id] = model
+            self.response_models.move_to_end(response_id)
+            while len(self.response_models) > RESPONSE_IDS:
+                self.response_models.popitem(last=False)
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused (413) past ``max_body`` before it is all in memory."""
@@ -328,17 +425,9 @@ class Router:
                 code="model_failed",
             )
 
-    def _route(self, body: bytes) -> tuple[str, bool, bytes]:
-        """The served model the body names, and whether it asks for a stream."""
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):  # RecursionError: nested too deeply
-            raise ApiError(
-                400, "The request body is not valid JSON.", "invalid_request_error"
-            ) from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "The request body is not a JSON object.", "invalid_request_error")
-        model = payload.get("model")
+    def _served(self, model) -> str:
+        """``model`` if it names a served model; else a 400 (none, or not a
+        string) or a 404 (not served here)."""
         if not isinstance(model, str) or not model:
             raise ApiError(
                 400,
@@ -355,9 +444,9 @@ class Router:
                 code="model_not_found",
                 param="model",
             )
-        return model, payload.get("stream") is True, body
+        return model
 
-    async def _forward(self, model, path, body, stream, headers, started) -> Response:
+    async def _forward(self, model, method, path, body, stream, headers, started) -> Response:
         if self.queued[model] >= self.max_queue:
             raise ApiError(
                 429,
@@ -369,11 +458,12 @@ class Router:
             )
         self.queued[model] += 1
         handed_over = False
+        creates_response = (method, path) == ("POST", "/v1/responses")
         try:
-            upstream = await self._send(model, path, body, stream, headers)
+            upstream = await self._send(model, method, path, body, stream, headers)
             if stream and upstream.is_success:
                 handed_over = True  # the relay frees the place when the stream ends
-                return _Relay(self, model, upstream, started)
+                return _Relay(self, model, upstream, started, creates_response)
             try:
                 chunks = []
                 async for chunk in upstream.aiter_bytes():
@@ -384,18 +474,21 @@ class Router:
                 raise self._unreachable(model, e) from None
             finally:
                 await upstream.aclose()
-            return Response(b"".join(chunks), upstream.status_code, _headers_back(upstream))
+            answer = b"".join(chunks)
+            if creates_response and upstream.is_success:
+                self.remember_response(model, _response_id(answer, stream=False))
+            return Response(answer, upstream.status_code, _headers_back(upstream))
         finally:
             if not handed_over:
                 self.queued[model] -= 1
 
-    async def _send(self, model, path, body, stream, headers) -> httpx.Response:
+    async def _send(self, model, method, path, body, stream, headers) -> httpx.Response:
         http = self.client()
         request = http.build_request(
-            "POST",
+            method,
             self.upstreams[model].url.rstrip("/") + path,
             content=body,
-            headers={**headers, "content-type": "application/json"},  # it parsed as JSON
+            headers=headers,
             timeout=STREAM_TIMEOUT if stream else UPSTREAM_TIMEOUT,
         )
         try:
@@ -430,8 +523,11 @@ class _Relay(StreamingResponse):
     the request's place in the model's queue is freed.
     """
 
-    def __init__(self, router: Router, model: str, upstream: httpx.Response, started: float):
+    def __init__(self, router, model, upstream: httpx.Response, started: float, creates_response):
+        """``creates_response``: a new response's stream, whose id the router
+        remembers from the first event."""
         self.router, self.model, self.upstream = router, model, upstream
+        self.creates_response = creates_response
         super().__init__(
             self._chunks(started),
             upstream.status_code,
@@ -441,11 +537,18 @@ class _Relay(StreamingResponse):
 
     async def _chunks(self, started: float):
         first = True
+        head = b"" if self.creates_response else None  # until the first event is whole
         try:
             async for chunk in self.upstream.aiter_bytes():
                 if first:
                     self.router.metrics.first_byte(self.model, started)
                     first = False
+                if head is not None:
+                    head += chunk
+                    event, end, _ = head.partition(b"\n\n")
+                    if end or len(head) > RESPONSE_HEAD_BYTES:
+                        self.router.remember_response(self.model, _response_id(event, stream=True))
+                        head = None
                 yield chunk
         except httpx.HTTPError as e:
             # The instance went away mid-answer. The status is long sent: say
@@ -505,3 +608,80 @@ def _headers_on(request: Request) -> dict[str, str]:
 
 def _headers_back(upstream: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
+
+
+def _true(value: str) -> bool:
+    """A bool in a form or a query, read as vLLM's request models (pydantic) read it."""
+    return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+
+
+def _response_id(answer: bytes, stream: bool):
+    """The id of a new response: a JSON answer's ``id``, or a stream's first
+    event's (``response.created``) ``response.id``; None if it has none."""
+    try:
+        if not stream:
+            return json.loads(answer).get("id")
+        for line in answer.split(b"\n"):
+            if line.startswith(b"data:"):
+                return json.loads(line[5:]).get("response", {}).get("id")
+    except (ValueError, AttributeError, RecursionError):
+        pass
+    return None
+
+
+def _form_fields(content_type: str, body: bytes, names: tuple[str, ...]) -> dict[str, str]:
+    """The text fields ``names`` of a multipart/form-data ``body``, each the
+    last of its name as FastAPI reads a form (vLLM reads it so). Parsed with
+    the parser Starlette uses, so the router reads the form as vLLM will;
+    files are skipped, never stored: the body is already in memory, within
+    ``max_body``, and nothing else is kept."""
+    kind, options = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or not options.get(b"boundary"):
+        raise ApiError(
+            400,
+            "This endpoint takes multipart/form-data (with a boundary), as OpenAI's does.",
+            "invalid_request_error",
+        )
+    fields: dict[str, bytearray] = {}
+    header = [b"", b""]  # the part's header being read: name, value
+    part: bytearray | None = None  # the wanted field being read
+
+    def on_header_field(data, start, end):
+        header[0] += data[start:end]
+
+    def on_header_value(data, start, end):
+        header[1] += data[start:end]
+
+    def on_header_end():
+        nonlocal part
+        if header[0].lower() == b"content-disposition":
+            _, params = parse_options_header(header[1])
+            name = params.get(b"name", b"").decode("latin-1")
+            if name in names and b"filename" not in params:
+                part = fields[name] = bytearray()
+        header[:] = [b"", b""]
+
+    def on_part_begin():
+        nonlocal part
+        part = None
+
+    def on_part_data(data, start, end):
+        if part is not None:
+            part.extend(data[start:end])
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+    }
+    try:
+        parser = MultipartParser(options[b"boundary"], callbacks)
+        parser.write(body)
+        parser.finalize()
+        return {name: value.decode() for name, value in fields.items()}
+    except (MultipartParseError, UnicodeDecodeError):
+        raise ApiError(
+            400, "The request body is not valid multipart/form-data.", "invalid_request_error"
+        ) from None

@@ -54,12 +54,12 @@ METRICS = [
     ("vllm_mux:pool_bytes_total", "gauge", "", "size of the daemon's pool"),
     ("vllm_mux:pool_bytes_free", "gauge", "", "free memory in the daemon's pool"),
     ("vllm_mux:requests_total", "counter", "model, status",
-     "completion requests answered by the router, by HTTP status code"),
+     "requests answered by the router (every endpoint it forwards), by HTTP status code"),
     ("vllm_mux:request_queue_length", "gauge", "model",
      "requests in the router for that model now (waiting for or streaming from the instance)"),
     ("vllm_mux:time_to_first_token_seconds", "histogram", "model",
      "from the request reaching the router to the first byte of a successful answer's body, "
-     "streamed or not: includes any wake"),
+     "streamed or not (for embeddings, scores, tokens: the whole answer): includes any wake"),
 ]  # fmt: skip
 
 STATES = (
