@@ -83,6 +83,15 @@ def test_one_model_per_device_never_switches():
     assert first.done - r.time == pytest.approx(r.prompt_tokens * 1e-4 + r.output_tokens * 0.02)
 
 
+def test_busy_time_is_the_union_of_requests_running():
+    models = [Model("a", 16 * GB)]
+    # 1 s each (50 tokens at 0.02 s): the first two overlap by half, the third alone.
+    trace = [Request(0.0, "a", 0, 50), Request(0.5, "a", 0, 50), Request(5.0, "a", 0, 50)]
+    result = simulate(trace, models, GPU, pool_bytes=20 * GB)
+    assert result.busy_s == pytest.approx(1.5 + 1.0)
+    assert summary(result, 1.0)["utilisation"] == pytest.approx(2.5 / 6.0)
+
+
 def test_models_are_spread_by_popularity():
     models = [Model(n, GB) for n in "abcdef"]
     trace = [Request(0.0, n, 1, 1) for k, n in enumerate("fedcba") for _ in range(6 - k)]

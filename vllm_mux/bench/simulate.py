@@ -103,6 +103,7 @@ class Result:
     turns: tuple[Turn, ...]  # in the order they began
     switches: int  # wakes, not counting the start
     switching_s: float  # device time spent waking and sleeping, all devices together
+    busy_s: float  # device time with a request running, all devices together
     devices: int
     span_s: float  # from the first arrival to the last completion
 
@@ -134,6 +135,8 @@ class _Device:
     instances: list[_Instance] = field(default_factory=list)
     waiters: list[int] = field(default_factory=list)  # instance ids, in the order they asked
     retries: set[float] = field(default_factory=set)
+    running: int = 0  # requests running on it, whichever model they are for
+    busy_since: float = 0.0
 
 
 def homes(models: Sequence[Model], trace: Sequence[Request], devices: int) -> dict[str, int]:
@@ -199,6 +202,7 @@ class _Simulation:
         self.done = [math.nan] * len(trace)
         self.switches = 0
         self.switching_s = 0.0
+        self.busy_s = 0.0
 
     def run(self) -> Result:
         for index, request in enumerate(self.trace):
@@ -214,7 +218,9 @@ class _Simulation:
         )
         span = max(self.done, default=0.0) - (self.trace[0].time if self.trace else 0.0)
         turns = tuple(Turn(*t) for t in self.turns)
-        return Result(served, turns, self.switches, self.switching_s, len(self.devices), span)
+        return Result(
+            served, turns, self.switches, self.switching_s, self.busy_s, len(self.devices), span
+        )
 
     def _at(self, time: float, handler, arg) -> None:
         self.seq += 1  # ties go in the order they were scheduled
@@ -238,6 +244,7 @@ class _Simulation:
         self._start(inst, now)
 
     def _start(self, inst: _Instance, now: float) -> None:
+        device = self.devices[inst.device]
         while inst.running < self.costs.batch and inst.queued:
             index = inst.queued.popleft()
             request = self.trace[index]
@@ -245,6 +252,9 @@ class _Simulation:
             decode = self.costs.decode_s_per_token
             self.first_token[index] = now + prefill + decode
             inst.running += 1
+            if not device.running:
+                device.busy_since = now
+            device.running += 1
             self._at(now + prefill + request.output_tokens * decode, self._finish, index)
 
     def _finish(self, now: float, index: int) -> None:
@@ -252,6 +262,10 @@ class _Simulation:
         inst = self.by_model[self.trace[index].model]
         inst.running -= 1
         inst.last_active = now
+        device = self.devices[inst.device]
+        device.running -= 1
+        if not device.running:
+            self.busy_s += now - device.busy_since
         self._start(inst, now)
         if inst.draining and not inst.in_flight:
             self._begin_sleep(inst, now)
@@ -357,6 +371,7 @@ def summary(result: Result, slo_s: float) -> dict:
         "ttft_p99_s": percentile(ttfts, 99),
         "switches_per_min": result.switches / span * 60,
         "switching_fraction": result.switching_s / (result.devices * span),
+        "utilisation": result.busy_s / (result.devices * span),  # time with a request running
     }
 
 
