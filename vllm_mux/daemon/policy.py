@@ -23,9 +23,10 @@ Two policies, by name in ``POLICIES``:
   Two models taking turns on a pool for one switch on almost every request.
 - ``batched`` (``DEFAULT``): a model that just woke keeps the device for its
   quantum or until it has had nothing to do for ``linger_s``, whichever comes
-  first, so a switch buys a batch of work; a busy model of higher priority keeps it from a lower
-  one, a higher one takes it from a lower one; past a waiting request's
-  ``max_wait_s`` every protection but pinning gives way, so no model starves.
+  first, so that a switch buys a batch of work; a busy model keeps the device
+  from a model of lower priority and gives it up to a higher one at once; past
+  a waiting request's ``max_wait_s`` every protection but pinning gives way, so
+  no model starves.
 """
 
 import math
