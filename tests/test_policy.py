@@ -250,3 +250,18 @@ def test_no_request_waits_past_its_bound(raw, priorities, max_wait, quantum):
     switch = COSTS.sleep_s + COSTS.wake_s(fleet[0])
     for s in result.served:
         assert s.wait <= max_wait + len(fleet) * (drain + switch) + 1e-9, s
+
+
+def test_a_waiter_goes_first_the_moment_it_passes_its_bound():
+    """Behind a waiter of higher priority, one that passes its bound goes first at
+    that moment: the holder stops admitting then, not at the next event."""
+    fleet = [
+        Model("holder", 16 * GB, knobs=Knobs(quantum_s=0, priority=2)),
+        Model("high", 16 * GB, knobs=Knobs(max_wait_s=100, priority=1)),
+        Model("low", 16 * GB, knobs=Knobs(max_wait_s=1, priority=0)),
+    ]
+    long = Request(0.0, "holder", 0, 2500)  # 50 s, running all along
+    trace = [long, Request(1, "high", 1, 1), Request(2, "low", 1, 1), Request(10, "holder", 1, 1)]
+    served = simulate(trace, fleet, COSTS, pool_bytes=20 * GB).served
+    assert served[3].admitted > 50  # the holder was draining since low's bound, at 3 s
+    assert served[2].admitted < served[1].admitted

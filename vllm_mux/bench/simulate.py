@@ -341,8 +341,12 @@ class _Simulation:
             )
             for i in decision.sleep:
                 self._drain(self.instances[i], now)
-            retry = decision.retry_at
-            if retry is not None and retry > now and retry not in device.retries:
+            # Again when a protection lapses, or a waiter passes its bound (and
+            # may go first): the daemon, which asks every quarter second, would.
+            deadlines = (views[i].deadline for i in device.waiters)
+            times = [t for t in (decision.retry_at, *deadlines) if t is not None and t > now]
+            retry = min(times, default=None)
+            if retry is not None and retry not in device.retries:
                 device.retries.add(retry)
                 self._at(retry, self._retry, d)
             return
