@@ -10,8 +10,8 @@ What it models, as the daemon and the controllers do it:
 - a request to a model that is not awake waits at its controller; an asleep
   model with waiting requests asks its device for a lease; the policy picks
   the first waiter, which is granted once it fits, and otherwise asks the
-  policy whom to ask to sleep, again at every event on the device and at the
-  policy's ``retry_at``;
+  policy whom to ask to sleep, again at every event on the device, at the
+  policy's ``retry_at`` and when a waiter passes its wait bound;
 - a victim admits nothing more, finishes what it admitted, sleeps for
   ``sleep_s`` and then its chunks are free; a wake copies the weights at the
   host link's speed (plus a fixed cost) and admits every waiting request;
