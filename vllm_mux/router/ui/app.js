@@ -83,6 +83,7 @@ async function poll(mine) {
 }
 
 function login(message) {
+  problem("");
   $("status").hidden = true;
   $("forget").hidden = true;
   $("summary").textContent = "";
@@ -106,7 +107,6 @@ function draw(view) {
   const colours = new Map(view.models.map((m, i) => [m.name, colour(i)]));
   const instances = new Map((view.instances || []).map((i) => [i.id, i]));
   drawPool(view.pool, instances, colours);
-  drawLegend(view.models, colours);
   drawHost(view.pool, instances, colours);
   drawModels(view.models, colours);
 }
@@ -156,55 +156,45 @@ function drawPool(pool, instances, colours) {
   });
 }
 
-function drawLegend(models, colours) {
-  const legend = $("legend");
-  const names = models.map((m) => m.name).join("\n");
-  if (legend.drawn === names) return;
-  legend.drawn = names;
-  const first = models.length ? models[0].name : "";
-  const item = (label, kind, model, state) => {
-    const swatch = element("span", "chunk");
-    swatch.dataset.kind = kind;
-    if (state) swatch.dataset.state = state;
-    swatch.style.setProperty("--c", colours.get(model) || "#888");
-    const li = element("li");
-    li.append(swatch, element("span", "", label));
-    return li;
-  };
-  legend.replaceChildren(
-    ...models.map((m) => item(m.name, "leased", m.name)),
-    item("warm: free, still holding a sleeper's bytes (its wake maps them back, no copy)", "kept", first),
-    item("free", "free"),
-    item("waking or sleeping", "leased", first, "waking"),
-  );
-}
-
 function drawHost(pool, instances, colours) {
-  const host = $("host");
+  const host = $("host"), copies = $("copies");
   if (!pool) {
     host.replaceChildren();
+    copies.replaceChildren();
     $("host-size").textContent = "";
     return;
   }
   const budget = pool.host_budget || 1;
+  const n = pool.host_copies.length;
   $("host-size").textContent =
-    `${bytes(pool.host_used)} of ${bytes(pool.host_budget)} in ${pool.host_copies.length} ` +
-    `${pool.host_copies.length === 1 ? "copy" : "copies"} of weights`;
-  const copies = pool.host_copies.map((copy) => {
+    `${bytes(pool.host_used)} of ${bytes(pool.host_budget)} in ${n} ${n === 1 ? "copy" : "copies"} of weights`;
+  const segments = [], items = [];
+  for (const copy of pool.host_copies) {
     const users = copy.users.map((id) => (instances.get(id) || { model: `#${id}` }).model);
+    const who = users.join(", ") || "nobody";
+    const facts =
+      `${bytes(copy.size)} for ${who}` +
+      (copy.sealed ? "" : ", being filled") +
+      (copy.coldable ? ", may be dropped (its users would reload from their files)" : "");
+    // A copy shared by several models: a band of each one's colour.
+    const bands = users.map((u, k) => {
+      const c = colours.get(u) || "#888";
+      return `${c} ${(100 * k) / users.length}% ${(100 * (k + 1)) / users.length}%`;
+    });
     const segment = element("div", "copy");
     segment.dataset.digest = copy.digest;
     segment.style.setProperty("--share", `${(100 * copy.size) / budget}%`);
-    segment.style.setProperty("--c", colours.get(users[0]) || "#888");
-    segment.append(element("span", "", `${users.join(", ") || "nobody"} · ${bytes(copy.size)}`));
-    segment.title =
-      `${copy.digest.slice(0, 12)}: ${bytes(copy.size)} for ${users.join(", ") || "nobody"}` +
-      (copy.sealed ? ", sealed" : ", being filled") +
-      (copy.coldable ? ", may be dropped (its users can reload from their files)" : "");
-    return segment;
-  });
-  const free = element("div", "copy free", `${bytes(pool.host_budget - pool.host_used)} free`);
-  host.replaceChildren(...copies, free);
+    segment.style.setProperty("background", `linear-gradient(${bands.join(", ") || "#888, #888"})`);
+    segment.title = `${copy.digest.slice(0, 12)}: ${facts}`;
+    segments.push(segment);
+    const swatch = element("span", "swatch");
+    swatch.style.setProperty("background", segment.style.background);
+    const item = element("li");
+    item.append(swatch, element("span", "", facts));
+    items.push(item);
+  }
+  host.replaceChildren(...segments, element("div", "copy free"));
+  copies.replaceChildren(...items);
 }
 
 const COLUMNS = ["model", "state", "memory", "running", "waiting", "queue", "wakes", "wake", "host", "restarts"];
@@ -240,7 +230,7 @@ function drawModels(models, colours) {
     if (m.pinned) state.append(element("span", "badge", "pinned"));
     if (m.cold) state.append(element("span", "badge", "cold"));
     cell("memory").textContent =
-      bytes(m.bytes) + (m.kept_chunks ? ` (${m.kept_chunks} chunks kept)` : "");
+      bytes(m.bytes) + (m.kept_chunks ? ` (${m.kept_chunks} chunks warm)` : "");
     cell("running").textContent = m.in_flight;
     cell("waiting").textContent = m.waiting;
     cell("queue").textContent = m.queued;
