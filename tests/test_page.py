@@ -94,18 +94,16 @@ def test_wheel_ships_the_page(tmp_path):
     shutil.copytree(
         ROOT / "vllm_mux", src / "vllm_mux", ignore=shutil.ignore_patterns("__pycache__")
     )
-    pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path)],
-        check=True,
-        cwd=tmp_path,
-    )
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    offline = ["--no-index", "--no-deps"]  # nothing but these files
+    build = [*pip, "wheel", *offline, "--no-build-isolation", "-w", str(tmp_path), str(src)]
+    subprocess.run(build, check=True, cwd=tmp_path)
     (wheel,) = tmp_path.glob("vllm_mux-*.whl")
     assert {"app.js", "index.html", "style.css"} <= {
         Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/router/ui/" in n
     }
     target = tmp_path / "installed"
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    subprocess.run([*pip, "install", *offline, "--target", str(target), str(wheel)], check=True)
     read = (
         "import vllm_mux; from importlib.resources import files; "
         "print(vllm_mux.__file__); print((files('vllm_mux.router') / 'ui' / 'app.js').read_text())"
