@@ -65,7 +65,7 @@ async function poll(mine) {
   const headers = key ? { Authorization: `Bearer ${key}` } : {};
   let response, view;
   try {
-    response = await fetch("/mux/status", { headers, cache: "no-store" });
+    response = await fetch("mux/status", { headers, cache: "no-store" });
     if (response.ok) view = await response.json();
   } catch (e) {
     response = null;
