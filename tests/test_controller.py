@@ -2,13 +2,14 @@
 its daemon restarting, or gone for good."""
 
 import asyncio
+import os
 import time
 
 import pytest
 
 from conftest import LiveDaemon, assert_books_balance
 from vllm_mux.controller import Controller, WakeError
-from vllm_mux.daemon.client import Client
+from vllm_mux.daemon.client import Client, DaemonError
 
 
 @pytest.fixture
@@ -161,3 +162,171 @@ def wait_for(predicate, timeout: float = 120.0):
     while not (value := predicate()) and time.monotonic() < deadline:
         time.sleep(0.05)
     return value
+
+
+# -- a user's controls: the daemon's sleep, wake, pin and unpin by model name --
+
+
+class Engine:
+    """A fake engine whose sleep and wake move its worker's chunks on the
+    daemon's books, as vLLM's workers do; it starts awake, holding ``chunks``."""
+
+    def __init__(self, path: str, model: str, chunks: int, fail: str = ""):
+        self.chunks, self.fail = chunks, fail
+        self.worker = Client(path, timeout=30)
+        self.worker.hello(model, key=model)
+        self.ids, self.fds = self.worker.lease(chunks)
+        self.worker.set_state("awake")
+
+    async def sleep(self, **kwargs):
+        await asyncio.to_thread(self._sleep)
+
+    async def wake_up(self):
+        await asyncio.to_thread(self._wake)
+
+    def _sleep(self):
+        if self.fail == "sleep":
+            raise RuntimeError("the worker could not unmap")
+        self.worker.set_state("sleeping")
+        self.worker.release(self.ids)
+        for fd in self.fds:
+            os.close(fd)
+        self.ids, self.fds = [], []
+        self.worker.set_state("asleep")
+
+    def _wake(self):
+        if self.ids:  # the engine's wake_up after a failed sleep: still awake
+            return
+        self.worker.set_state("waking")
+        try:
+            self.ids, self.fds = self.worker.lease(self.chunks)
+        except DaemonError:
+            self.worker.set_state("asleep")
+            raise
+        self.worker.set_state("awake")
+
+
+def join(path, model, chunks, *, pinned=False, idle_ttl=0.0, fail=""):
+    """An instance of ``model``: its fake engine and a real controller, on this loop."""
+    engine = Engine(path, model, chunks, fail)
+    loop = asyncio.get_running_loop()
+    Controller(path, model, engine.sleep, engine.wake_up, idle_ttl, pinned, loop, lambda: None)
+    return engine
+
+
+def control(path: str, op: str, model: str) -> dict:
+    """The daemon's reply to a control, as `vllm-mux OP MODEL` gets it (blocking)."""
+    client = Client(path, timeout=60)
+    try:
+        return getattr(client, op)(model)
+    finally:
+        client.close()
+
+
+def books(path: str, model: str) -> dict:
+    client = Client(path)
+    try:
+        status = client.status()
+    finally:
+        client.close()
+    assert_books_balance(status)
+    (found,) = [i for i in status["instances"] if i["model"] == model]
+    return found
+
+
+@pytest.fixture
+def pool(tmp_path):
+    """A live daemon of 4 chunks whose leases wait up to 2 s."""
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 4, 1 << 20, wait_timeout=2)
+    yield daemon.path
+    assert_books_balance(daemon.status())
+    daemon.stop()
+
+
+def test_sleep_and_wake_by_name_wait_for_the_books(pool):
+    async def main():
+        join(pool, "a", 2)
+        reply = await asyncio.to_thread(control, pool, "sleep", "a")
+        assert (reply["state"], reply["changed"]) == ("asleep", True) and reply["seconds"] >= 0
+        assert (books(pool, "a")["state"], books(pool, "a")["chunks"]) == ("asleep", 0)
+        again = await asyncio.to_thread(control, pool, "sleep", "a")
+        assert (again["state"], again["changed"]) == ("asleep", False)
+        reply = await asyncio.to_thread(control, pool, "wake", "a")
+        assert (reply["state"], reply["changed"]) == ("awake", True)
+        a = books(pool, "a")
+        assert (a["state"], a["chunks"], a["wakes"], a["sleeps"]) == ("awake", 2, 1, 1)
+        again = await asyncio.to_thread(control, pool, "wake", "a")
+        assert again["changed"] is False
+
+    asyncio.run(main())
+
+
+def test_a_wake_by_hand_has_others_sleep_for_its_memory(pool):
+    async def main():
+        join(pool, "b", 3)
+        await asyncio.to_thread(control, pool, "sleep", "b")
+        join(pool, "a", 3)  # the pool holds one of them
+        reply = await asyncio.to_thread(control, pool, "wake", "b")
+        assert reply["state"] == "awake"
+        assert (books(pool, "a")["state"], books(pool, "b")["chunks"]) == ("asleep", 3)
+
+    asyncio.run(main())
+
+
+def test_a_pinned_model_refuses_a_sleep_by_hand_and_is_never_asked_for_another(pool):
+    async def main():
+        join(pool, "b", 3)
+        await asyncio.to_thread(control, pool, "sleep", "b")
+        join(pool, "a", 3)
+        reply = await asyncio.to_thread(control, pool, "pin", "a")
+        assert (reply["pinned"], reply["changed"], reply["state"]) == (True, True, "awake")
+        assert books(pool, "a")["pinned"]
+        with pytest.raises(DaemonError, match=r"a is pinned: `vllm-mux unpin a` first") as e:
+            await asyncio.to_thread(control, pool, "sleep", "a")
+        assert e.value.code == "pinned"
+        # b's wake waits 2 s for memory nobody may free: it fails, and says why.
+        with pytest.raises(DaemonError, match=r"b failed to wake: .*waited 2 s") as e:
+            await asyncio.to_thread(control, pool, "wake", "b")
+        assert e.value.code == "failed"
+        assert (books(pool, "a")["state"], books(pool, "b")["state"]) == ("awake", "asleep")
+        reply = await asyncio.to_thread(control, pool, "unpin", "a")
+        assert (reply["pinned"], reply["changed"]) == (False, True)
+        assert (await asyncio.to_thread(control, pool, "wake", "b"))["state"] == "awake"
+        assert books(pool, "a")["state"] == "asleep"
+
+    asyncio.run(main())
+
+
+def test_an_unpin_at_run_time_lets_the_idle_sleep_happen(pool):
+    async def main():
+        join(pool, "a", 2, pinned=True, idle_ttl=0.1)
+        await asyncio.sleep(0.5)  # idle five times over: pinned, it stays awake
+        assert books(pool, "a")["state"] == "awake"
+        await asyncio.to_thread(control, pool, "unpin", "a")
+        assert await asyncio.to_thread(wait_for, lambda: books(pool, "a")["state"] == "asleep")
+
+    asyncio.run(main())
+
+
+def test_a_failed_sleep_by_hand_says_why_and_leaves_it_awake(pool):
+    async def main():
+        join(pool, "a", 2, fail="sleep")
+        with pytest.raises(DaemonError, match="a failed to sleep: the worker could not unmap"):
+            await asyncio.to_thread(control, pool, "sleep", "a")
+        assert books(pool, "a")["state"] == "awake"
+
+    asyncio.run(main())
+
+
+def test_controls_name_the_models_the_daemon_knows(pool):
+    worker = Client(pool)
+    worker.hello("starting", key="s")  # no controller yet: its API server is not up
+    try:
+        for op in ("sleep", "wake", "pin", "unpin"):
+            with pytest.raises(DaemonError, match=r"no model 'nope' on this daemon; it knows st"):
+                control(pool, op, "nope")
+        with pytest.raises(DaemonError, match="starting is not running") as e:
+            control(pool, "sleep", "starting")
+        assert e.value.code == "not_running"
+    finally:
+        worker.close()

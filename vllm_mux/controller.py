@@ -7,10 +7,15 @@ that sees the requests:
 - a request to a sleeping instance wakes it and waits for the wake; requests
   that arrive meanwhile join the same wake;
 - an instance with no request for ``idle_ttl`` seconds goes to sleep by
-  itself, never with a request in flight, never when pinned;
+  itself, never with a request in flight, never while pinned (a pin or an
+  unpin at run time, ``vllm-mux pin``, counts from the next check);
 - when the daemon needs memory it asks the controller to sleep: new requests
   then wait, the ones in flight finish, and the instance sleeps; the waiting
-  requests wake it again once the daemon can grant memory.
+  requests wake it again once the daemon can grant memory;
+- a user asks, through the daemon (``vllm-mux sleep|wake|pin|unpin``): the
+  controller answers at once and does the work on its loop; the daemon
+  follows the outcome in the books and in ``report``, whose failure counts
+  tell it that a wake or a sleep it asked for failed.
 
 It knows asyncio, the daemon's socket and an engine's ``sleep``/``wake_up``
 coroutines, not vLLM. If the daemon goes away (a crash, an upgrade) the
@@ -54,7 +59,8 @@ class Controller:
         self.state = "awake"  # awake, sleeping, asleep, waking
         self.draining = False  # asked to sleep: new requests wait, in-flight finish
         self.in_flight = self.waiting = 0
-        self.failed_wakes = 0
+        self.failed_wakes = self.failed_sleeps = 0
+        self.last_error = ""  # why the last wake or sleep failed, for whoever asked
         self.last_active = time.time()
         self.changed = asyncio.Condition()
         self.key, self.reconnect_s = key, reconnect_seconds()
@@ -115,6 +121,7 @@ class Controller:
         async with self.changed:
             self.state = "asleep" if error else "awake"
             self.failed_wakes += error is not None
+            self.last_error = str(error)[:500] if error else self.last_error
             self.last_active = time.time()
             self.changed.notify_all()
         if error:
@@ -141,18 +148,21 @@ class Controller:
         return await self._unowned(self._enter_sleep(upstream_kwargs))
 
     async def _enter_sleep(self, upstream_kwargs: dict) -> bool:
+        error = None
         try:
             await self._sleep(**upstream_kwargs)
-            state = "asleep"
-        except Exception:
+        except Exception as e:
             # The engine paused its scheduler before the worker failed: a wake
             # (the executor is not asleep) resumes it.
             log.exception("sleep failed; staying awake")
             with contextlib.suppress(Exception):
                 await self._wake_up()
-            state = "awake"
+            error = e
+        state = "awake" if error else "asleep"
         async with self.changed:
             self.state, self.draining = state, False
+            self.failed_sleeps += error is not None
+            self.last_error = str(error)[:500] if error else self.last_error
             self.changed.notify_all()
         return state == "asleep"
 
@@ -166,12 +176,14 @@ class Controller:
         await self._unowned(self.wake())
 
     async def _sleep_when_idle(self) -> None:
-        if self.idle_ttl <= 0 or self.pinned:
+        """Checks ``pinned`` each time round: a pin may come and go at run time."""
+        if self.idle_ttl <= 0:
             return
         while True:
             await asyncio.sleep(min(self.idle_ttl / 4, 1.0))
             idle = time.time() - self.last_active >= self.idle_ttl
-            if idle and self.state == "awake" and not (self.in_flight or self.waiting):
+            busy = self.in_flight or self.waiting
+            if idle and not self.pinned and self.state == "awake" and not busy:
                 log.info("idle for %.0f s: sleeping", self.idle_ttl)
                 await self.sleep()
 
@@ -185,6 +197,10 @@ class Controller:
             "in_flight": self.in_flight,
             "waiting": self.waiting,
             "last_active": self.last_active,
+            "pinned": self.pinned,
+            "failed_wakes": self.failed_wakes,
+            "failed_sleeps": self.failed_sleeps,
+            "last_error": self.last_error,
         }
 
     def _hello(self, client: Client) -> None:
@@ -226,6 +242,13 @@ class Controller:
                 # "ok" tells the daemon this instance's memory is coming back.
                 if not self.draining:
                     asyncio.run_coroutine_threadsafe(self.sleep(), self.loop)
+                reply = {"ok": True}
+            elif op == "wake":
+                # The daemon watches the books for the wake, and failed_wakes.
+                asyncio.run_coroutine_threadsafe(self.wake_up(), self.loop)
+                reply = {"ok": True}
+            elif op in ("pin", "unpin"):
+                self.pinned = op == "pin"  # the daemon's books follow once we answer
                 reply = {"ok": True}
             elif op == "drop_host" and self._drop_host and self.state == "asleep":
                 # The worker tells the daemon when it has let the copy go, or

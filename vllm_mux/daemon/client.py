@@ -25,11 +25,25 @@ _WITH_FDS = ("lease", "host_get", "host_filled", "host_adopt")
 
 
 class DaemonError(RuntimeError):
-    """The daemon refused a request, or cannot be reached."""
+    """The daemon refused a request, or cannot be reached. ``code``: why a
+    user's control was refused (model_not_found, not_running, ambiguous,
+    pinned, failed, timeout), else None."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class Disconnected(DaemonError):
     """The connection to the daemon broke: the daemon may come back."""
+
+
+class Unreachable(DaemonError):
+    """Nothing listens at the socket: ``reason`` says why connect failed."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def reconnect_seconds() -> float:
@@ -55,10 +69,11 @@ class Client:
             self.sock.connect(socket_path)
         except OSError as e:
             self.sock.close()
-            raise DaemonError(
+            raise Unreachable(
                 f"no vllm-mux daemon is listening at {socket_path} ({e.strerror}); start one "
                 "with `vllm-mux daemon --device-memory SIZE`, or unset VLLM_MUX_SOCKET to run "
-                "plain vLLM"
+                "plain vLLM",
+                e.strerror,
             ) from None
         # Whoever listens gets the model's name and key and hands us the memory
         # we map weights into: only a daemon of our own user will do.
@@ -89,7 +104,9 @@ class Client:
             protocol.close_fds(fds)
             fds = []
         if not reply.get("ok"):
-            raise DaemonError(reply.get("error", "the daemon refused without a reason"))
+            raise DaemonError(
+                reply.get("error", "the daemon refused without a reason"), reply.get("code")
+            )
         return reply, fds
 
     def hello(
@@ -174,6 +191,29 @@ class Client:
     def status(self) -> dict:
         return self.call("status")[0]
 
+    # A user's controls over a model by its name. sleep and wake block until
+    # it is asleep or awake (a wake may wait for others to sleep: up to the
+    # daemon's --wait-timeout), so give the client a timeout beyond that.
+
+    def sleep(self, model: str) -> dict:
+        """Put ``model`` to sleep once its requests in flight finish: the reply
+        says its ``state``, whether it ``changed`` and the ``seconds`` it took."""
+        return self.call("sleep", model=model)[0]
+
+    def wake(self, model: str) -> dict:
+        """Wake ``model``: the reply is ``sleep``'s."""
+        return self.call("wake", model=model)[0]
+
+    def pin(self, model: str) -> dict:
+        """Pin ``model``: never asked to sleep for another model, never asleep
+        when idle. The reply says ``pinned``, whether it ``changed``, and the
+        ``state``, which a pin leaves as it is."""
+        return self.call("pin", model=model)[0]
+
+    def unpin(self, model: str) -> dict:
+        """Let ``model`` sleep again: the reply is ``pin``'s."""
+        return self.call("unpin", model=model)[0]
+
     def close(self) -> None:
         """Close the connection; a thread waiting on it (an instance's watcher)
         wakes up: shutdown() wakes it, close() alone would not."""
@@ -224,3 +264,23 @@ def reconnect(socket_path: str, hello, seconds: float) -> Client:
             )
         time.sleep(pause)
         pause = min(2 * pause, 2.0)
+
+
+def outcome(op: str, name: str, reply: dict) -> str:
+    """A control's reply (sleep, wake, pin, unpin) in one line, for people."""
+    state, already = reply["state"], "" if reply["changed"] else " already"
+    if op == "pin":
+        return (
+            f"{name} is pinned{already}; it is {state} (a pin changes no state): never asked to "
+            f"sleep for another model, never asleep when idle, until `vllm-mux unpin {name}` "
+            "or its server restarts"
+        )
+    if op == "unpin":
+        return (
+            f"{name} is unpinned{already}; it is {state}, and sleeps when idle or when another "
+            "model needs the memory"
+        )
+    if not reply["changed"]:
+        return f"{name} is {state} already"
+    verb = "slept" if op == "sleep" else "woke"
+    return f"{name} is {state} ({verb} in {reply['seconds']:.2f} s)"

@@ -61,6 +61,9 @@ ASK_TIMEOUT = 5.0  # seconds a controller has to answer one question
 FD_MARGIN = 1024  # fds beyond one per chunk: connections, pidfds and the rest
 
 STATES = ("starting", "awake", "sleeping", "asleep", "waking")
+# A user's controls over a model by name (vllm-mux sleep|wake|pin|unpin): like
+# status, for any client of the daemon's user, no hello needed.
+CONTROLS = ("sleep", "wake", "pin", "unpin")
 # Upper bounds (seconds) of the wake and sleep latency histograms kept per instance.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 
@@ -103,6 +106,15 @@ class Instance:
     private_bytes: int = 0  # device memory it needs outside the pool (its budget)
     wake_latency: dict = field(default_factory=_latency)
     sleep_latency: dict = field(default_factory=_latency)
+
+
+class Refused(ValueError):
+    """A user's control refused; ``code`` names why, for the reply (the
+    router answers each with its own HTTP status)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
 
 
 class Controller:
@@ -399,6 +411,8 @@ class Daemon:
                         reply, out_fds = self._handle(message, me)
                 except (PoolError, ValueError, KeyError, TypeError) as e:
                     reply = {"ok": False, "error": str(e)}
+                    if isinstance(e, Refused):
+                        reply["code"] = e.code
                 protocol.send(conn, reply, out_fds)
         except (OSError, protocol.ProtocolError) as e:  # ProtocolError: a reply too large
             log.info("connection of pid %d broke: %s", pid, e)
@@ -552,6 +566,8 @@ class Daemon:
         op = message.get("op")
         if op == "status":
             return self.status(), []
+        if op in CONTROLS:
+            return self._control(op, message.get("model")), []
         if me is None:
             raise ValueError(f"op {op!r} needs a hello from an instance first")
         if op == "lease":
@@ -596,6 +612,107 @@ class Daemon:
                         _observe(me.sleep_latency, facts["seconds"])
             return self._ok(), []
         raise ValueError(f"unknown op {op!r}")
+
+    # -- a user's controls: vllm-mux sleep|wake|pin|unpin NAME --
+
+    def _control(self, op: str, name) -> dict:
+        inst = self._running(name)
+        if op in ("pin", "unpin"):
+            return self._pin(inst, op == "pin")
+        return self._transition(inst, op)
+
+    def _running(self, name) -> Instance:
+        """The live instance (connected, with a controller) that serves ``name``."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("a control names a model")
+        with self.lock:
+            known = sorted({i.model for i in self.instances.values()})
+            mine = [i for i in self.instances.values() if i.model == name]
+            live = [i for i in mine if i.connected and i.controller and i.state != "starting"]
+        if not mine:
+            raise Refused(
+                f"no model {name!r:.300} on this daemon; it knows "
+                f"{', '.join(known) if known else 'none (no instance has registered)'}",
+                "model_not_found",
+            )
+        if not live:
+            inst = mine[0]
+            why = (
+                "its instance is disconnected"
+                if not inst.connected
+                else "its instance is starting"
+                if inst.state == "starting"
+                else "its API server has not joined the daemon yet"
+            )
+            raise Refused(f"{name} is not running ({why}); try again once it serves", "not_running")
+        if len(live) > 1:
+            raise Refused(
+                f"{len(live)} instances serve {name} (pids "
+                f"{', '.join(str(i.pid) for i in live)}): give them names of their own",
+                "ambiguous",
+            )
+        return live[0]
+
+    def _pin(self, inst: Instance, pinned: bool) -> dict:
+        """The controller's flag first (it refuses the daemon's "sleep" and
+        skips its idle sleep by it), then the books'. The state stays as it is."""
+        if inst.controller.ask("pin" if pinned else "unpin") is None:
+            raise Refused(f"{inst.model}'s API server did not answer; try again", "not_running")
+        with self.lock:
+            changed = inst.controller.pinned != pinned
+            inst.controller.pinned = pinned
+            return self._ok(model=inst.model, pinned=pinned, changed=changed, state=inst.state)
+
+    def _transition(self, inst: Instance, op: str) -> dict:
+        """Ask the instance's controller to sleep (its requests in flight
+        finish first) or to wake (waiting, like a request's wake, for others
+        to sleep), and wait until the books count one more sleep or wake of
+        it, or its controller's report counts one more failure: counts, not
+        states, which may come and go between two looks. Asked again whenever
+        it rests in the other state: it may have been waking or draining when
+        first asked, or a request woke it meanwhile. Waits up to
+        ``wait_timeout`` (a wake's wait for memory) and ``ask_timeout`` more."""
+        goal, other, count, failures = {
+            "sleep": ("asleep", "awake", "sleeps", "failed_sleeps"),
+            "wake": ("awake", "asleep", "wakes", "failed_wakes"),
+        }[op]
+        name, start = inst.model, time.monotonic()
+        if op == "sleep" and inst.controller.pinned:
+            raise Refused(f"{name} is pinned: `vllm-mux unpin {name}` first", "pinned")
+        with self.lock:
+            if inst.state == goal:
+                return self._ok(model=name, state=goal, changed=False, seconds=0.0)
+            done = getattr(inst, count)
+        report = self._report(inst)
+        failed = report[failures]
+        while True:
+            if report["state"] == other and not report["draining"]:
+                inst.controller.ask(op)
+            with self.lock:
+                seconds = time.monotonic() - start
+                if getattr(inst, count) > done:
+                    return self._ok(model=name, state=inst.state, changed=True, seconds=seconds)
+                if seconds > self.wait_timeout + self.ask_timeout:
+                    raise Refused(
+                        f"{name} is not {goal} after {seconds:.0f} s (it is {inst.state}); it "
+                        "may still get there: see `vllm-mux status`",
+                        "timeout",
+                    )
+                self.changed.wait(0.25)
+            report = self._report(inst)
+            if report[failures] > failed:
+                error = report["last_error"] or "see its server's log"
+                raise Refused(f"{name} failed to {op}: {error}", "failed")
+
+    def _report(self, inst: Instance) -> dict:
+        report = inst.controller.ask("report")
+        if report is None or not isinstance(report.get("failed_wakes"), int):
+            raise Refused(
+                f"{inst.model}'s API server does not answer (or is of another version); see "
+                "`vllm-mux status`",
+                "not_running",
+            )
+        return report
 
     # -- the host tier --
 
