@@ -1,4 +1,7 @@
-"""The ``vllm-mux`` command: daemon, status, model, bench."""
+"""The ``vllm-mux`` command: daemon, serve, status (ps), sleep, wake, pin, unpin, model, bench.
+
+Every mistake a user can make on it is answered in one line that says what
+to do, never a traceback nor argparse's usage dump."""
 
 import argparse
 import json
@@ -17,6 +20,13 @@ from vllm_mux.memory import default_chunk_size
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, but a mistake is one line, with where to read more."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def parse_size(text: str) -> int:
     """'8GiB', '512M', '1.5g' or a plain number of bytes (binary units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
@@ -26,10 +36,14 @@ def parse_size(text: str) -> int:
 
 
 def _daemon(args) -> int:
+    from vllm_mux.config import problem
     from vllm_mux.daemon.server import Daemon
     from vllm_mux.memory import backend
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s vllm-mux daemon: %(message)s")
+    if reason := problem("device", args.device):
+        print(f"vllm-mux daemon: {reason}", file=sys.stderr)
+        return 2
     try:
         device = backend(args.device)
         args.chunk_size = args.chunk_size or default_chunk_size(args.device)
@@ -72,15 +86,32 @@ def _daemon(args) -> int:
     return 0
 
 
-def _status(args) -> int:
-    from vllm_mux.daemon.client import Client, DaemonError
+def _ask(socket_path: str, ask, timeout: float | None = 30.0):
+    """``ask(client)`` on a connection to the daemon; None, said in one line,
+    if the daemon is not there or refuses."""
+    from vllm_mux.daemon.client import Client, DaemonError, Unreachable
 
     try:
-        client = Client(args.socket)
-        status = client.status()
-        client.close()
+        client = Client(socket_path, timeout)
+        try:
+            return ask(client)
+        finally:
+            client.close()
+    except Unreachable as e:
+        print(
+            f"vllm-mux: no daemon answers at {socket_path} ({e.reason}): start one with "
+            "`vllm-mux serve CONFIG` or `vllm-mux daemon --device-memory SIZE`, or pass "
+            "--socket PATH where one listens",
+            file=sys.stderr,
+        )
     except DaemonError as e:
         print(f"vllm-mux: {e}", file=sys.stderr)
+    return None
+
+
+def _status(args) -> int:
+    status = _ask(args.socket, lambda client: client.status())
+    if status is None:
         return 1
     if args.json:
         print(json.dumps(status, indent=2))
@@ -128,6 +159,20 @@ def _status(args) -> int:
     return 0
 
 
+def _control(args) -> int:
+    """sleep, wake, pin or unpin a model by name: one line of outcome. No
+    timeout of our own: the daemon bounds the wait (a wake may wait for
+    others to sleep, up to its --wait-timeout)."""
+    from vllm_mux.daemon.client import outcome
+
+    name, op = args.name, args.command
+    reply = _ask(args.socket, lambda client: getattr(client, op)(name), timeout=None)
+    if reply is None:
+        return 1
+    print(outcome(op, name, reply))
+    return 0
+
+
 def _socket(args) -> int:
     print(default_socket())
     return 0
@@ -136,7 +181,11 @@ def _socket(args) -> int:
 def _model_path(args) -> int:
     from vllm_mux.models import model_path
 
-    print(model_path(args.name))
+    try:
+        print(model_path(args.name))
+    except ValueError as e:  # an unknown name: the message lists the known ones
+        print(f"vllm-mux: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -183,7 +232,7 @@ def _gib(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-mux", description=__doc__)
+    parser = _Parser(prog="vllm-mux", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("daemon", help="own a device's memory and lease it to vLLM instances")
@@ -225,10 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-dir", help="where each process logs (default: a temporary folder)")
     p.set_defaults(run=_serve)
 
-    p = sub.add_parser("status", help="the daemon's pool and instances")
+    p = sub.add_parser("status", aliases=["ps"], help="the daemon's pool and instances")
     p.add_argument("--socket", default=default_socket())
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_status)
+
+    for op, says in (
+        ("sleep", "put a model to sleep (its requests in flight finish first)"),
+        ("wake", "wake a model (others sleep if its memory is needed)"),
+        ("pin", "keep a model from sleeping: never asked to for another, never when idle"),
+        ("unpin", "let a pinned model sleep again"),
+    ):
+        p = sub.add_parser(op, help=says, description=says)
+        p.add_argument("name", help="the model's served name (see `vllm-mux ps`)")
+        p.add_argument("--socket", default=default_socket())
+        p.set_defaults(run=_control)
 
     p = sub.add_parser("socket", help="print where the daemon listens by default")
     p.set_defaults(run=_socket)
