@@ -13,7 +13,16 @@ In the spirit of llama-swap's single file::
         args: [--dtype, float32, --max-model-len, "2048"]
         idle_ttl: 300              # seconds without a request before it sleeps
         pinned: false              # never asked to sleep for another model
+        preload: true              # start awake (the default); false: start asleep
         cpu_cores: "0-3"           # on cpu: VLLM_CPU_OMP_THREADS_BIND (else serve picks)
+
+``preload: false`` starts a model asleep: serve puts it to sleep as soon as
+its server is ready, again after each restart, and starts such models
+before the others, so that those it preloads find the memory free. Its
+first request then wakes it, from the host copy its start made.
+``pinned`` and ``vllm-mux pin`` both keep a model from being asked to
+sleep; a pin by hand lasts while its server runs: a server serve restarts
+takes the file's ``pinned`` again.
 
 An invalid file is refused at start with its line and the reason.
 """
@@ -35,6 +44,7 @@ class Model:
     args: list[str] = field(default_factory=list)
     idle_ttl: float | None = None
     pinned: bool = False
+    preload: bool = True  # start awake; False: serve puts it to sleep once it is ready
     # The cores its vLLM threads are bound to on cpu ("0-3", "0,2", "auto",
     # "nobind"); None: serve gives each model cores of its own (launch.cpu_binds).
     cpu_cores: str | None = None
@@ -57,7 +67,7 @@ _TOP = {"device": str, "device_memory": str, "chunk_size": str, "host": str, "po
 _TOP |= {"host_memory": str}
 _TOP |= {"api_key": str, "max_body": str, "models": list}
 _MODEL = {"name": str, "source": str, "args": (list, dict), "idle_ttl": (int, float)}
-_MODEL |= {"pinned": bool, "cpu_cores": str}
+_MODEL |= {"pinned": bool, "preload": bool, "cpu_cores": str}
 # vLLM's VLLM_CPU_OMP_THREADS_BIND for one worker: "auto", "nobind" or a list of
 # cpu ids and ranges.
 CPU_CORES = re.compile(r"auto|nobind|\d+(-\d+)?(,\d+(-\d+)?)*")
@@ -91,8 +101,9 @@ def parse(text: str, path: str = "<config>") -> Config:
     _check(nodes, data, _TOP, "", fail, root)
     if data.get("api_key") == "":
         fail(nodes["api_key"][1], EMPTY_KEY)
-    if "max_body" in data and size(data["max_body"]) is None:
-        fail(nodes["max_body"][1], f"max_body must be a size like 16MiB, not {data['max_body']!r}")
+    for key, value in data.items():
+        if reason := problem(key, value):
+            fail(nodes[key][1], reason)
     if "models" not in data or not data["models"]:
         fail(root, "models: at least one model is needed")
     models, seen = [], set()
@@ -112,13 +123,17 @@ def parse(text: str, path: str = "<config>") -> Config:
                 f'models[].cpu_cores must be like "0-3", "0,2", "auto" or "nobind", '
                 f"not {entry['cpu_cores']!r}",
             )
+        if entry.get("pinned") and entry.get("preload") is False:
+            fail(fields["preload"][1], "a pinned model is never put to sleep, so it cannot "
+                 "start asleep: drop pinned: true or preload: false")  # fmt: skip
         seen.add(entry["name"])
         args = entry.get("args", [])
         if isinstance(args, dict):  # {max-model-len: 2048, enforce-eager: true}
             args = [a for k, v in args.items() for a in _flag(k, v)]
         models.append(
             Model(entry["name"], entry["source"], [str(a) for a in args],
-                  entry.get("idle_ttl"), entry.get("pinned", False), entry.get("cpu_cores"))
+                  entry.get("idle_ttl"), entry.get("pinned", False), entry.get("preload", True),
+                  entry.get("cpu_cores"))
         )  # fmt: skip
     top = {k: v for k, v in data.items() if k != "models"}
     return Config(models=models, **top)
@@ -126,6 +141,28 @@ def parse(text: str, path: str = "<config>") -> Config:
 
 # An empty key would look like protection and accept "Authorization: Bearer ".
 EMPTY_KEY = "api_key is empty: give a key, or leave it out for no key"
+
+
+SIZES = ("device_memory", "chunk_size", "host_memory", "max_body")
+
+
+def problem(key: str, value) -> str | None:
+    """Why ``value`` will not do for the top-level ``key`` (one of the sizes,
+    the device, the port), or None: checked before anything starts, whether
+    it came from the file or the command line (``--device-memory`` ...)."""
+    from vllm_mux.memory import BACKENDS
+
+    if key in SIZES:
+        n = size(value)
+        if n is None or (n == 0 and key != "host_memory"):
+            return f"{key} must be a size like 2GiB or 512MiB, not {value!r}"
+    if key == "device":
+        kind, colon, index = value.partition(":")
+        if kind not in BACKENDS or (colon and not index.isdigit()):
+            return f"unknown device {value!r}; known: {', '.join(BACKENDS)} (cuda:N for GPU N)"
+    if key == "port" and not 0 < value < 65536:
+        return f"port must be 1 to 65535, not {value}"
+    return None
 
 
 def size(text: str) -> int | None:

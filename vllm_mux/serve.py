@@ -7,7 +7,10 @@ Serve heals: a server that exits (killed, out of memory, crashed) is started
 again after a backoff, and meanwhile the router answers its model's requests
 with 503 and Retry-After. A model whose server fails to start three times in
 a row is marked failed, with the tail of its log in the router's /v1/models,
-and the other models keep serving. Restarts are counted there and in
+and the other models keep serving. A model with ``preload: false`` is put to
+sleep, through the daemon, as soon as its server is ready, after a restart
+too; such models start first, so that the others find the memory free.
+Restarts are counted there and in
 /metrics (``vllm_mux:instance_restarts_total``). A daemon that exits is
 started again the same way, on the same socket: the instances serve on
 meanwhile and reconnect to it, and it takes their chunks back from them
@@ -23,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from vllm_mux.config import EMPTY_KEY, Config, Model, size
+from vllm_mux.config import EMPTY_KEY, SIZES, Config, Model, problem, size
 from vllm_mux.launch import CPU_ARGS, DaemonProcess, VllmServer, cpu_binds, cpu_ids
 from vllm_mux.router.app import Upstream
 
@@ -176,6 +179,8 @@ class Keeper:
                 )
                 continue
             self.ready_at = time.monotonic()
+            if not self.model.preload:
+                self.put_to_sleep()
             self.upstream.url, self.upstream.error = self.server.url, None
             self.upstream.state = None  # last: the router uses the url from now on
             return True
@@ -189,6 +194,27 @@ class Keeper:
             flush=True,
         )
         return False
+
+    def put_to_sleep(self) -> None:
+        """``preload: false``: to sleep through the daemon, as ``vllm-mux
+        sleep`` does; if that fails the model serves on awake, and sleeps
+        when idle or when another model needs the memory."""
+        from vllm_mux.daemon.client import Client, DaemonError
+
+        name = self.model.name
+        try:
+            client = Client(self.socket_path, timeout=None)  # the daemon bounds the wait
+            try:
+                client.sleep(name)
+            finally:
+                client.close()
+        except DaemonError as e:
+            print(f"vllm-mux: could not put {name} to sleep (preload: false): {e}", flush=True)
+            return
+        print(
+            f"vllm-mux: {name} started asleep (preload: false): its first request wakes it",
+            flush=True,
+        )
 
     def watch(self) -> None:
         """Start the server again whenever it exits, until it fails for good."""
@@ -220,13 +246,16 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
     if config.api_key == "":
         print(f"vllm-mux: {EMPTY_KEY}", file=sys.stderr)
         return 2
-    max_body = size(config.max_body)
-    if max_body is None:
-        print(
-            f"vllm-mux: max_body must be a size like 16MiB, not {config.max_body!r}",
-            file=sys.stderr,
-        )
+    for key in ("device", "port", *SIZES):  # the file's are checked; these may be flags
+        value = getattr(config, key)
+        if value is not None and (reason := problem(key, value)):
+            flag = "--" + key.replace("_", "-")
+            print(f"vllm-mux: {reason} (the config's {key}, or {flag})", file=sys.stderr)
+            return 2
+    if reason := _unbindable(config.host, config.port):
+        print(f"vllm-mux: {reason}", file=sys.stderr)
         return 2
+    max_body = size(config.max_body)
     logs = Path(log_dir or tempfile.mkdtemp(prefix="vllm-mux-serve-"))
     logs.mkdir(parents=True, exist_ok=True)
 
@@ -248,7 +277,8 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
         for model in config.models:
             env = {"VLLM_CPU_OMP_THREADS_BIND": binds[model.name]} if binds else {}
             keepers.append(Keeper(model, config, socket_path, logs, env, stopping, lock))
-        for i, keeper in enumerate(keepers, 1):
+        # Those that start asleep first: the ones preloaded then find the memory free.
+        for i, keeper in enumerate(sorted(keepers, key=lambda k: k.model.preload), 1):
             print(
                 f"vllm-mux: starting model {i} of {len(keepers)}, {keeper.model.name}...",
                 flush=True,
@@ -256,7 +286,13 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
             start = time.monotonic()
             if keeper.start():
                 took = time.monotonic() - start
-                print(f"vllm-mux: {keeper.model.name} ready in {took:.0f} s", flush=True)
+                awake = (
+                    ", awake (preload: true); it sleeps when idle or when another model needs "
+                    "the memory"
+                    if keeper.model.preload
+                    else ""
+                )
+                print(f"vllm-mux: {keeper.model.name} ready in {took:.0f} s{awake}", flush=True)
         running = [k for k in keepers if k.upstream.state is None]
         if not running:
             raise RuntimeError("no model started; nothing to serve")
@@ -296,6 +332,25 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
                 keeper.server.stop()
         if daemon is not None and daemon.process is not None:
             daemon.process.stop()
+
+
+def _unbindable(host: str, port: int) -> str | None:
+    """Why the router could not listen on ``host:port``, or None: found out
+    before the models start (minutes), not after."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as e:
+        return (
+            f"cannot listen on {host}:{port} ({e.strerror or e}): pass a free --port, or a "
+            "--host of this machine"
+        )
+    return None
 
 
 def _say_cores(binds: dict[str, str]) -> None:
