@@ -1,10 +1,16 @@
-"""The ``vllm-mux daemon`` command refuses bad input with one clear line, not a traceback."""
+"""Every mistake a user can make on ``vllm-mux`` gets one clear line, not a
+traceback nor argparse's usage dump: bad sizes, an unknown device, an
+unreachable daemon, an unknown model name, a port in use, a missing config."""
 
 import importlib.util
+import socket
 import subprocess
 import sys
 
 import pytest
+
+from conftest import LiveDaemon
+from vllm_mux.launch import free_port
 
 
 def daemon(*args: str) -> subprocess.CompletedProcess:
@@ -38,3 +44,107 @@ def test_cuda_without_cuda_bindings_says_what_to_install(tmp_path):
     done = daemon("--device", "cuda", "--device-memory", "1GiB", "--socket", str(tmp_path / "s"))
     assert done.returncode == 2 and "pip install vllm-mux[cuda]" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def mux(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vllm_mux.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def one_line(done: subprocess.CompletedProcess, says: str, code: int) -> None:
+    """The command failed with ``code`` and said ``says`` in one line of stderr."""
+    assert done.returncode == code, done
+    assert says in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "usage:" not in done.stderr and not done.stdout
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--device-memory", "lots"], "argument --device-memory: not a size: 'lots'"),
+        (["--device-memory", "1GiB", "--host-memory", "x"], "argument --host-memory: not a size"),
+        (["--device-memory", "1GiB", "--chunk-size", "big"], "argument --chunk-size: not a size"),
+        (["--device", "cuda:first", "--device-memory", "1GiB"], "unknown device 'cuda:first'"),
+        ([], "the following arguments are required: --device-memory"),
+    ],
+)
+def test_daemon_mistakes_are_one_line(args, says, tmp_path):
+    one_line(mux("daemon", *args, "--socket", str(tmp_path / "d.sock")), says, 2)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--device-memory", "lots"], "device_memory must be a size like 2GiB"),
+        (["--host-memory", "plenty"], "host_memory must be a size like 2GiB"),
+        (["--chunk-size", "0"], "chunk_size must be a size like 2GiB"),
+        (["--device", "gpu"], "unknown device 'gpu'; known: cpu, cuda"),
+        (["--port", "eighty"], "argument --port: invalid int value: 'eighty'"),
+        (["--port", "99999"], "port must be 1 to 65535, not 99999"),
+        (["--max-body", "huge"], "max_body must be a size"),
+        (["--model", "smollm2"], "--model takes NAME=SOURCE, not 'smollm2'"),
+    ],
+)
+def test_serve_mistakes_are_one_line_before_anything_starts(args, says, tmp_path):
+    done = mux("serve", "--model", "a=smollm2", *args, "--socket", str(tmp_path / "d.sock"))
+    one_line(done, says, 2)
+    assert not (tmp_path / "d.sock").exists()  # no daemon was started
+
+
+def test_serve_config_mistakes_are_one_line(tmp_path):
+    one_line(mux("serve", str(tmp_path / "none.yaml")), "none.yaml: No such file or directory", 2)
+    config = tmp_path / "mux.yaml"
+    config.write_text("device_memory: lots\nmodels:\n  - {name: a, source: smollm2}\n")
+    one_line(mux("serve", str(config)), "mux.yaml:1: device_memory must be a size", 2)
+
+
+def test_serve_on_a_port_in_use_says_so_before_the_models_start(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = mux("serve", "--model", "a=smollm2", "--port", port, "--socket", str(tmp_path / "s"))
+    one_line(done, f"cannot listen on 127.0.0.1:{port}", 2)
+    assert "pass a free --port" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "ps", "sleep", "wake", "pin", "unpin"])
+def test_an_unreachable_daemon_says_how_to_start_one(command, tmp_path):
+    name = [] if command in ("status", "ps") else ["chat"]
+    done = mux(command, *name, "--socket", str(tmp_path / "none.sock"))
+    one_line(done, f"no daemon answers at {tmp_path / 'none.sock'}", 1)
+    assert "`vllm-mux daemon --device-memory SIZE`" in done.stderr and "--socket" in done.stderr
+
+
+def test_an_unknown_model_name_is_one_line_naming_the_known_ones(tmp_path):
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 2, 1 << 20)
+    try:
+        daemon.client().hello("chat", key="k")
+        for op in ("sleep", "wake", "pin", "unpin"):
+            done = mux(op, "nope", "--socket", daemon.path)
+            one_line(done, "no model 'nope' on this daemon; it knows chat", 1)
+        one_line(mux("sleep", "chat", "--socket", daemon.path), "chat is not running", 1)
+    finally:
+        daemon.stop()
+    one_line(mux("model", "path", "nope"), "unknown model 'nope'; known models: smollm2", 2)
+
+
+def test_a_wrong_command_is_one_line():
+    one_line(mux("frob"), "invalid choice: 'frob'", 2)
+    one_line(mux("sleep"), "the following arguments are required: name", 2)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--device-memory", "1MiB"], "--device-memory 1048576 is smaller than one chunk"),
+        (["--chunk-size", "12345"], "chunk size 12345 is not a multiple of the device's"),
+    ],
+)
+def test_serve_says_in_one_line_why_its_daemon_did_not_start(args, says, tmp_path):
+    args = [*args, "--port", str(free_port()), "--socket", str(tmp_path / "d.sock")]
+    done = mux("serve", "--model", "a=smollm2", *args)
+    assert done.returncode == 1 and says in done.stderr, done
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

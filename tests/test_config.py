@@ -27,6 +27,7 @@ models:
   - name: b
     source: /models/b
     args: {max-model-len: 2048, enforce-eager: true, trust-remote-code: false}
+    preload: false
 """
 
 
@@ -39,6 +40,7 @@ def test_a_valid_file_loads():
     )  # fmt: skip
     assert b.args == ["--max-model-len", "2048", "--enforce-eager"] and not b.pinned
     assert b.cpu_cores is None and config.max_body == "1MiB"
+    assert (a.preload, b.preload) == (True, False)  # the default starts it awake
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,17 @@ def test_a_valid_file_loads():
         ("max_body: lots\nmodels:\n  - {name: a, source: x}\n", 1, "max_body must be a size"),
         ("models:\n  - name: a\n    source: x\n    cpu_cores: 3\n", 4, "cpu_cores must be str"),
         ("models:\n  - name: a\n    source: x\n    cpu_cores: all\n", 4, 'like "0-3"'),
+        ("models:\n  - name: a\n    source: x\n    preload: 1\n", 4, "preload must be bool"),
+        (
+            "models:\n  - name: a\n    source: x\n    pinned: true\n    preload: false\n",
+            5,
+            "a pinned model is never put to sleep, so it cannot start asleep",
+        ),
+        ("device_memory: lots\nmodels:\n  - {name: a, source: x}\n", 1, "device_memory must be"),
+        ("chunk_size: '0'\nmodels:\n  - {name: a, source: x}\n", 1, "chunk_size must be a size"),
+        ("host_memory: 8G!\nmodels:\n  - {name: a, source: x}\n", 1, "host_memory must be"),
+        ("device: tpu\nmodels:\n  - {name: a, source: x}\n", 1, "unknown device 'tpu'"),
+        ("port: 0\nmodels:\n  - {name: a, source: x}\n", 1, "port must be 1 to 65535, not 0"),
     ],
 )
 def test_an_invalid_file_names_line_and_reason(text, line, reason):

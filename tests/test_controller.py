@@ -330,3 +330,40 @@ def test_controls_name_the_models_the_daemon_knows(pool):
         assert e.value.code == "not_running"
     finally:
         worker.close()
+
+
+def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool):
+    from fastapi.testclient import TestClient
+
+    from vllm_mux.router.app import make_app
+
+    upstreams = {"a": "http://127.0.0.1:9", "ghost": "http://127.0.0.1:9"}
+    app = make_app(upstreams, daemon_socket=pool, api_key="k")
+
+    async def main():
+        join(pool, "a", 2)
+        with TestClient(app) as http:
+
+            def post(path: str, key="k"):
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                return http.post(f"/mux/models/{path}", headers=headers)
+
+            def code(r):
+                return r.status_code, r.json()["error"]["code"]
+
+            assert code(await asyncio.to_thread(post, "a/sleep", None)) == (401, "invalid_api_key")
+            assert code(await asyncio.to_thread(post, "b/sleep")) == (404, "model_not_found")
+            # Served by the router, unknown to the daemon (its server is not up yet).
+            assert code(await asyncio.to_thread(post, "ghost/wake")) == (404, "model_not_found")
+            r = await asyncio.to_thread(post, "a/pin")
+            assert r.json() | {"message": ""} == {
+                "model": "a", "pinned": True, "changed": True, "state": "awake", "message": ""
+            }  # fmt: skip
+            assert code(await asyncio.to_thread(post, "a/sleep")) == (409, "pinned")
+            assert (await asyncio.to_thread(post, "a/unpin")).json()["pinned"] is False
+            r = await asyncio.to_thread(post, "a/sleep")
+            assert r.status_code == 200 and r.json()["state"] == "asleep"
+            assert r.json()["message"].startswith("a is asleep (slept in ")
+        assert books(pool, "a")["chunks"] == 0
+
+    asyncio.run(main())

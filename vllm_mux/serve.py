@@ -268,7 +268,11 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
     try:
         print(f"vllm-mux: logs in {logs}", flush=True)
         daemon = DaemonKeeper(config, socket_path, logs, stopping, lock)
-        daemon.start()
+        try:
+            daemon.start()
+        except RuntimeError as e:  # the end of its log says why, in one line
+            last = str(e).strip().splitlines()[-1]
+            raise RuntimeError(f"the daemon did not start: {last}") from None
         threading.Thread(target=daemon.watch, daemon=True).start()
         print(f"vllm-mux: daemon on {config.device} with {config.device_memory}", flush=True)
         binds = core_binds(config.models) if config.device == "cpu" else {}
