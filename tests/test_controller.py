@@ -333,15 +333,16 @@ def test_controls_name_the_models_the_daemon_knows(pool):
 
 
 def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool):
+    """Under a served name with a slash, as many are (Qwen/Qwen3-8B)."""
     from fastapi.testclient import TestClient
 
     from vllm_mux.router.app import make_app
 
-    upstreams = {"a": "http://127.0.0.1:9", "ghost": "http://127.0.0.1:9"}
+    upstreams = {"org/a": "http://127.0.0.1:9", "ghost": "http://127.0.0.1:9"}
     app = make_app(upstreams, daemon_socket=pool, api_key="k")
 
     async def main():
-        join(pool, "a", 2)
+        join(pool, "org/a", 2)
         with TestClient(app) as http:
 
             def post(path: str, key="k"):
@@ -351,19 +352,20 @@ def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool
             def code(r):
                 return r.status_code, r.json()["error"]["code"]
 
-            assert code(await asyncio.to_thread(post, "a/sleep", None)) == (401, "invalid_api_key")
+            no_key = await asyncio.to_thread(post, "org/a/sleep", None)
+            assert code(no_key) == (401, "invalid_api_key")
             assert code(await asyncio.to_thread(post, "b/sleep")) == (404, "model_not_found")
             # Served by the router, unknown to the daemon (its server is not up yet).
             assert code(await asyncio.to_thread(post, "ghost/wake")) == (404, "model_not_found")
-            r = await asyncio.to_thread(post, "a/pin")
+            r = await asyncio.to_thread(post, "org/a/pin")
             assert r.json() | {"message": ""} == {
-                "model": "a", "pinned": True, "changed": True, "state": "awake", "message": ""
+                "model": "org/a", "pinned": True, "changed": True, "state": "awake", "message": ""
             }  # fmt: skip
-            assert code(await asyncio.to_thread(post, "a/sleep")) == (409, "pinned")
-            assert (await asyncio.to_thread(post, "a/unpin")).json()["pinned"] is False
-            r = await asyncio.to_thread(post, "a/sleep")
+            assert code(await asyncio.to_thread(post, "org/a/sleep")) == (409, "pinned")
+            assert (await asyncio.to_thread(post, "org/a/unpin")).json()["pinned"] is False
+            r = await asyncio.to_thread(post, "org/a/sleep")
             assert r.status_code == 200 and r.json()["state"] == "asleep"
-            assert r.json()["message"].startswith("a is asleep (slept in ")
-        assert books(pool, "a")["chunks"] == 0
+            assert r.json()["message"].startswith("org/a is asleep (slept in ")
+        assert books(pool, "org/a")["chunks"] == 0
 
     asyncio.run(main())

@@ -197,7 +197,6 @@ class Controller:
             "in_flight": self.in_flight,
             "waiting": self.waiting,
             "last_active": self.last_active,
-            "pinned": self.pinned,
             "failed_wakes": self.failed_wakes,
             "failed_sleeps": self.failed_sleeps,
             "last_error": self.last_error,

@@ -31,7 +31,8 @@ STATUS = {
 def routes(router) -> APIRouter:
     api = APIRouter(prefix="/mux", dependencies=[Depends(router.authorize)])
     for op in OPS:
-        api.add_api_route(f"/models/{{name}}/{op}", _handler(router, op), methods=["POST"])
+        # :path: served names often have a slash (Qwen/Qwen3-8B)
+        api.add_api_route(f"/models/{{name:path}}/{op}", _handler(router, op), methods=["POST"])
     return api
 
 
