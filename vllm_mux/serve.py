@@ -7,15 +7,16 @@ Serve heals: a server that exits (killed, out of memory, crashed) is started
 again after a backoff, and meanwhile the router answers its model's requests
 with 503 and Retry-After. A model whose server fails to start three times in
 a row is marked failed, with the tail of its log in the router's /v1/models,
-and the other models keep serving. A model with ``preload: false`` is put to
-sleep, through the daemon, as soon as its server is ready, after a restart
-too; such models start first, so that the others find the memory free.
-Restarts are counted there and in
+and the other models keep serving. Restarts are counted there and in
 /metrics (``vllm_mux:instance_restarts_total``). A daemon that exits is
 started again the same way, on the same socket: the instances serve on
 meanwhile and reconnect to it, and it takes their chunks back from them
 (see daemon/server.py); a request that needs a wake in the gap waits for it,
 or gets 503 with Retry-After.
+
+A model with ``preload: false`` is put to sleep, through the daemon, as soon
+as its server is ready, after a restart too; such models start first, so
+that the others find the memory free.
 """
 
 import os
