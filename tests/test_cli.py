@@ -148,3 +148,13 @@ def test_serve_says_in_one_line_why_its_daemon_did_not_start(args, says, tmp_pat
     done = mux("serve", "--model", "a=smollm2", *args)
     assert done.returncode == 1 and says in done.stderr, done
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def test_a_second_daemon_on_a_socket_in_use_is_one_line(tmp_path):
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 2, 1 << 20)
+    try:
+        done = mux("daemon", "--device-memory", "64MiB", "--socket", daemon.path)
+        one_line(done, f"a daemon is already listening at {daemon.path}", 2)
+        assert "choose another --socket" in done.stderr
+    finally:
+        daemon.stop()

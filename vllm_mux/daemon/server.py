@@ -228,7 +228,10 @@ class Daemon:
                 except OSError:
                     os.unlink(path)  # left behind by a daemon that died
                 else:
-                    raise RuntimeError(f"a daemon is already listening at {path}")
+                    raise RuntimeError(
+                        f"a daemon is already listening at {path}: use it, stop it, or choose "
+                        "another --socket"
+                    )
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)  # the socket is 0600 from the moment it exists
         try:
