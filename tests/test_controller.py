@@ -3,6 +3,9 @@ its daemon restarting, or gone for good."""
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -369,3 +372,30 @@ def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool
         assert books(pool, "org/a")["chunks"] == 0
 
     asyncio.run(main())
+
+
+def test_ctrl_c_on_a_wake_by_hand_is_one_line_and_the_wake_goes_on(tmp_path):
+    """The wake waits for memory a pinned model holds; the user gives up
+    waiting, then unpins that model: the wake goes through all the same."""
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 4, 1 << 20, wait_timeout=60)
+    path = daemon.path
+
+    async def main():
+        join(path, "b", 3)
+        await asyncio.to_thread(control, path, "sleep", "b")
+        join(path, "a", 3, pinned=True)
+        argv = [sys.executable, "-m", "vllm_mux.cli", "wake", "b", "--socket", path]
+        cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert await asyncio.to_thread(wait_for, lambda: books(path, "b")["state"] == "waking")
+        cli.send_signal(signal.SIGINT)
+        out, err = await asyncio.to_thread(cli.communicate, timeout=60)
+        assert cli.returncode == 130 and not out
+        assert err == "vllm-mux: interrupted; the daemon sees the wake of b through\n"
+        await asyncio.to_thread(control, path, "unpin", "a")
+        assert await asyncio.to_thread(wait_for, lambda: books(path, "b")["state"] == "awake")
+        assert books(path, "a")["state"] == "asleep"
+
+    try:
+        asyncio.run(main())
+    finally:
+        daemon.stop()

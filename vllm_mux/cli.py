@@ -166,7 +166,11 @@ def _control(args) -> int:
     from vllm_mux.daemon.client import outcome
 
     name, op = args.name, args.command
-    reply = _ask(args.socket, lambda client: getattr(client, op)(name), timeout=None)
+    try:
+        reply = _ask(args.socket, lambda client: getattr(client, op)(name), timeout=None)
+    except KeyboardInterrupt:
+        print(f"vllm-mux: interrupted; the daemon sees the {op} of {name} through", file=sys.stderr)
+        return 130
     if reply is None:
         return 1
     print(outcome(op, name, reply))
