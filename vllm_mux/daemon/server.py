@@ -619,6 +619,13 @@ class Daemon:
     # -- a user's controls: vllm-mux sleep|wake|pin|unpin NAME --
 
     def _control(self, op: str, name) -> dict:
+        """``{"op": "sleep"|"wake"|"pin"|"unpin", "model": NAME}`` from any
+        client of this user. Replies: sleep and wake ``{"ok", "model",
+        "state", "changed", "seconds"}`` once the books say it is asleep or
+        awake (``changed`` false: it was already); pin and unpin ``{"ok",
+        "model", "pinned", "changed", "state"}`` at once. A refusal is
+        ``{"ok": false, "error", "code"}``, the code one of model_not_found,
+        not_running, ambiguous, pinned, failed, timeout."""
         inst = self._running(name)
         if op in ("pin", "unpin"):
             return self._pin(inst, op == "pin")
