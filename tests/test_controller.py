@@ -331,6 +331,14 @@ def test_controls_name_the_models_the_daemon_knows(pool):
         with pytest.raises(DaemonError, match="starting is not running") as e:
             control(pool, "sleep", "starting")
         assert e.value.code == "not_running"
+        worker.set_state("awake")  # loaded, and its API server not up yet
+        with pytest.raises(DaemonError, match="its API server has not joined the daemon yet"):
+            control(pool, "pin", "starting")
+        worker.lease(1)
+        worker.close()  # its process lives on: kept on the books, disconnected
+        assert wait_for(lambda: books(pool, "starting")["state"] == "disconnected")
+        with pytest.raises(DaemonError, match=r"starting is not running \(its instance is disc"):
+            control(pool, "wake", "starting")
     finally:
         worker.close()
 
