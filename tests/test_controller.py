@@ -347,9 +347,10 @@ def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool
     """Under a served name with a slash, as many are (Qwen/Qwen3-8B)."""
     from fastapi.testclient import TestClient
 
-    from vllm_mux.router.app import make_app
+    from vllm_mux.router.app import Upstream, make_app
 
     upstreams = {"org/a": "http://127.0.0.1:9", "ghost": "http://127.0.0.1:9"}
+    upstreams["back"] = Upstream("http://127.0.0.1:9", state="restarting")
     app = make_app(upstreams, daemon_socket=pool, api_key="k")
 
     async def main():
@@ -367,7 +368,8 @@ def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool
             assert code(no_key) == (401, "invalid_api_key")
             assert code(await asyncio.to_thread(post, "b/sleep")) == (404, "model_not_found")
             # Served by the router, unknown to the daemon (its server is not up yet).
-            assert code(await asyncio.to_thread(post, "ghost/wake")) == (404, "model_not_found")
+            assert code(await asyncio.to_thread(post, "ghost/wake")) == (503, "model_not_found")
+            assert code(await asyncio.to_thread(post, "back/wake")) == (503, "model_unavailable")
             r = await asyncio.to_thread(post, "org/a/pin")
             assert r.json() | {"message": ""} == {
                 "model": "org/a", "pinned": True, "changed": True, "state": "awake", "message": ""

@@ -19,7 +19,8 @@ OPS = ("sleep", "wake", "pin", "unpin")
 TIMEOUT_S = 600.0  # beyond any --wait-timeout anyone sets: the daemon answers first
 # The daemon's refusal codes (daemon/server.py) as HTTP statuses and OpenAI types.
 STATUS = {
-    "model_not_found": (404, "invalid_request_error"),  # serve restarted it under us
+    # The router serves it, the daemon does not know it: its server is not up.
+    "model_not_found": (503, "server_error"),
     "pinned": (409, "invalid_request_error"),
     "ambiguous": (409, "invalid_request_error"),
     "not_running": (503, "server_error"),
@@ -48,6 +49,7 @@ def _handler(router, op: str):
                 "invalid_request_error",
                 code="model_not_found",
             )
+        router._check_running(name)  # 503 while serve restarts it, or once it failed
         if router.daemon_socket is None:
             raise ApiError(503, "This router has no daemon to ask.", "server_error")
         try:
