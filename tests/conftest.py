@@ -82,6 +82,7 @@ class LiveDaemon:
         wait_timeout: float = 0.5,
         backend=None,
         host_memory: int | None = None,
+        policy: str = "batched",
     ):
         self.path = path
         # A lease that does not fit waits for holders to sleep; where nobody
@@ -94,6 +95,7 @@ class LiveDaemon:
             path,
             wait_timeout=wait_timeout,
             host_memory=host_memory,
+            policy=policy,
         )
         self.daemon.listen()
         self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)

@@ -18,19 +18,23 @@ class FakeInstance:
     """A worker connection that leases, and a controller that answers the daemon
     like the real one: report at once, and on "sleep" release everything."""
 
-    def __init__(self, path: str, model: str, *, pinned=False, in_flight=0, last_active=0.0):
+    def __init__(
+        self, path: str, model: str, *, pinned=False, in_flight=0, last_active=0.0, knobs=None
+    ):
         self.model, self.in_flight, self.last_active = model, in_flight, last_active
         self.worker = Client(path, timeout=30)
         self.worker.hello(model, key=model)
         self.ids: list[int] = []
         self.fds: list[int] = []
         self.asked = 0
+        self.first_asked = 0.0  # time.monotonic() of the first "sleep"
         self.sleeping = False
         self.control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.control.connect(path)
         protocol.send(
             self.control,
-            {"op": "hello", "role": "controller", "key": model, "pinned": pinned, "idle_ttl": 0},
+            {"op": "hello", "role": "controller", "key": model, "pinned": pinned, "idle_ttl": 0}
+            | {"knobs": knobs or {}},
         )
         reply, _ = protocol.recv(self.control)
         assert reply["ok"], reply
@@ -64,6 +68,7 @@ class FakeInstance:
                 reply |= {"in_flight": self.in_flight, "last_active": self.last_active}
             else:  # sleep: like the real controller, answer now, sleep after
                 self.asked += 1
+                self.first_asked = self.first_asked or time.monotonic()
                 if self.ids and not self.in_flight and not self.sleeping:
                     self.sleeping = True
                     threading.Thread(target=self.sleep).start()
@@ -77,8 +82,12 @@ class FakeInstance:
 
 @pytest.fixture
 def pool(tmp_path):
-    """A live daemon of 10 chunks that waits up to 2 s; its fake instances."""
-    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=2)
+    """A live daemon of 10 chunks that waits up to 2 s, under the
+    switch-per-request policy (the mechanism's plain order); its fake
+    instances."""
+    daemon = LiveDaemon(
+        str(tmp_path / "d.sock"), 10, CS, wait_timeout=2, policy="switch-per-request"
+    )
     made: list[FakeInstance] = []
 
     def instance(model: str, **kwargs) -> FakeInstance:
@@ -263,3 +272,65 @@ def test_wake_and_sleep_latencies_are_kept_as_histograms(pool):
     assert dict(zip(sleep["le"], sleep["counts"]))[0.05] == 1
     assert me["last_wake"] == {"seconds": 0.3} and me["wakes"] == 1 and me["sleeps"] == 1
     assert_books_balance(daemon.status())
+
+
+def test_batched_a_busy_holder_keeps_the_device_for_its_quantum(tmp_path):
+    """Under batched (the default) a holder that just woke and has work is not
+    asked to sleep before its quantum ends; then it is."""
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=30)
+    try:
+        busy = FakeInstance(daemon.path, "busy", in_flight=1, knobs={"quantum_s": 1.5})
+        busy.lease(8)
+        woke = time.monotonic()
+        threading.Thread(target=lambda: (time.sleep(3), setattr(busy, "in_flight", 0))).start()
+        waker = FakeInstance(daemon.path, "waker")
+        waker.lease(5)
+        # Asked only once the quantum was over (and then again until its drain).
+        assert busy.first_asked - woke >= 1.5
+        assert held(daemon) == {"busy": 0, "waker": 5}
+        assert_books_balance(daemon.status())
+        busy.close()
+        waker.close()
+    finally:
+        daemon.stop()
+
+
+def test_batched_a_request_past_its_wait_bound_takes_the_device(tmp_path):
+    """A waiter's max_wait_s overrides the holder's quantum: no model starves."""
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=30)
+    try:
+        busy = FakeInstance(daemon.path, "busy", in_flight=1, knobs={"quantum_s": 600})
+        busy.lease(8)
+
+        def finish_once_asked():  # busy all along until asked: only the bound can explain it
+            while not busy.first_asked:
+                time.sleep(0.05)
+            busy.in_flight = 0
+
+        threading.Thread(target=finish_once_asked, daemon=True).start()
+        waker = FakeInstance(daemon.path, "waker", knobs={"max_wait_s": 1})
+        start = time.monotonic()
+        waker.lease(5)
+        assert busy.first_asked - start >= 1  # not before the bound passed
+        assert held(daemon) == {"busy": 0, "waker": 5}
+        busy.close()
+        waker.close()
+    finally:
+        daemon.stop()
+
+
+def test_bad_knobs_at_hello_are_refused(tmp_path):
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS)
+    try:
+        Client(daemon.path).hello("m", key="m")
+        for knobs, says in (({"quantum_s": -1}, "quantum_s"), ({"speed": 1}, "unknown knob")):
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            control.connect(daemon.path)
+            protocol.send(
+                control, {"op": "hello", "role": "controller", "key": "m"} | {"knobs": knobs}
+            )
+            reply, _ = protocol.recv(control)
+            assert not reply["ok"] and "bad knobs" in reply["error"] and says in reply["error"]
+            control.close()
+    finally:
+        daemon.stop()

@@ -107,6 +107,40 @@ def test_a_drain_waits_for_requests_in_flight(daemon_socket):
     asyncio.run(main())
 
 
+def test_requests_that_waited_for_a_wake_run_in_its_turn_even_if_asked_to_sleep(daemon_socket):
+    """The daemon may ask an instance to sleep the moment it wakes: every
+    request that waited for that wake still runs before the sleep, instead of
+    waiting for (and causing) another wake."""
+
+    async def main():
+        controller, calls = make(daemon_socket)
+        engine_wake = controller._wake_up
+        asked = []
+
+        async def wake_up():  # the daemon's "sleep" lands as the engine finishes waking
+            await engine_wake()
+            if not asked:
+                asked.append(asyncio.ensure_future(controller.sleep()))
+
+        controller._wake_up = wake_up
+        await controller.sleep()
+        turns = []  # the turn each request ran in
+
+        async def request():
+            async with controller.request():
+                turns.append(controller.turn)
+
+        waiters = [asyncio.ensure_future(request()) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        assert controller.state == "waking" and controller.waiting == 5
+        await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        assert await asked[0]  # it slept, after all five ran
+        assert turns == [1] * 5 and calls == {"wake": 1, "sleep": 2}
+        assert (controller.in_flight, controller.waiting, controller.owed) == (0, 0, 0)
+
+    asyncio.run(main())
+
+
 def test_the_controller_reconnects_to_a_restarted_daemon(daemon_factory):
     """The daemon dies: the controller keeps its server up and joins the daemon
     started next on the same socket, once its worker is known there again."""

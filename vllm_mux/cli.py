@@ -15,6 +15,7 @@ import time
 
 from vllm_mux.bench import gpu, pages, soak, tiers
 from vllm_mux.daemon import default_socket
+from vllm_mux.daemon import policy as policies
 from vllm_mux.memory import default_chunk_size
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -55,6 +56,7 @@ def _daemon(args) -> int:
             args.socket,
             wait_timeout=args.wait_timeout,
             host_memory=args.host_memory,
+            policy=args.policy,
         )
         daemon.listen()
     except (ValueError, ImportError, RuntimeError, OSError) as e:  # OSError: making the pool
@@ -211,7 +213,7 @@ def _serve(args) -> int:
                 return 2
             config.models.append(Model(name, source))
     keys = ("device", "device_memory", "chunk_size", "host_memory", "host", "port", "api_key")
-    for key in (*keys, "max_body"):
+    for key in (*keys, "max_body", "policy"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     return serve(config, args.socket, args.log_dir)
@@ -257,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         default=120.0,
         help="seconds a lease waits for other instances to sleep before it fails (default 120)",
     )
+    p.add_argument(
+        "--policy",
+        default=policies.DEFAULT,
+        choices=policies.POLICIES,
+        help="who sleeps for whom and whose wake goes first: batched (a model that woke keeps "
+        "the device for its quantum, no request waits past its bound) or switch-per-request "
+        f"(the first waiter takes the device at once) (default {policies.DEFAULT})",
+    )
     p.set_defaults(run=_daemon)
 
     p = sub.add_parser("serve", help="the daemon, a vLLM server per model, and one router port")
@@ -274,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         help="default: $VLLM_MUX_API_KEY (a key on the command line shows in ps)",
     )
     p.add_argument("--max-body", help="the largest request body the router takes (16MiB)")
+    p.add_argument("--policy", choices=policies.POLICIES, help="the daemon's --policy")
     p.add_argument("--socket", default=default_socket())
     p.add_argument("--log-dir", help="where each process logs (default: a temporary folder)")
     p.set_defaults(run=_serve)

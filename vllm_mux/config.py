@@ -7,6 +7,7 @@ In the spirit of llama-swap's single file::
     host_memory: 8GiB              # copies of weights to wake from (default: half the RAM)
     port: 8000
     max_body: 16MiB                # the largest request body the router takes
+    policy: batched                # who sleeps for whom (or switch-per-request)
     models:
       - name: smol
         source: smollm2            # a bundled model, or a model directory / id
@@ -15,6 +16,10 @@ In the spirit of llama-swap's single file::
         pinned: false              # never asked to sleep for another model
         preload: true              # start awake (the default); false: start asleep
         cpu_cores: "0-3"           # on cpu: VLLM_CPU_OMP_THREADS_BIND (else serve picks)
+        quantum_s: 3               # the switch policy's knobs (daemon/policy.py says
+        linger_s: 1                #   what each is for and why its default is what
+        max_wait_s: 30             #   it is); batched reads them,
+        priority: 0                #   switch-per-request does not
 
 ``preload: false`` starts a model asleep: serve puts it to sleep as soon as
 its server is ready, again after each restart, and starts such models
@@ -32,6 +37,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from vllm_mux.daemon.policy import DEFAULT, KNOBS, POLICIES, knobs_from
+
 
 class ConfigError(ValueError):
     """The config is invalid; the message names the file, line and reason."""
@@ -48,6 +55,7 @@ class Model:
     # The cores its vLLM threads are bound to on cpu ("0-3", "0,2", "auto",
     # "nobind"); None: serve gives each model cores of its own (launch.cpu_binds).
     cpu_cores: str | None = None
+    knobs: dict = field(default_factory=dict)  # the policy's, as set in the file
 
 
 @dataclass
@@ -61,13 +69,16 @@ class Config:
     port: int = 8000
     api_key: str | None = None
     max_body: str = "16MiB"
+    policy: str = DEFAULT
 
 
 _TOP = {"device": str, "device_memory": str, "chunk_size": str, "host": str, "port": int}
 _TOP |= {"host_memory": str}
-_TOP |= {"api_key": str, "max_body": str, "models": list}
+_TOP |= {"api_key": str, "max_body": str, "policy": str, "models": list}
 _MODEL = {"name": str, "source": str, "args": (list, dict), "idle_ttl": (int, float)}
 _MODEL |= {"pinned": bool, "preload": bool, "cpu_cores": str}
+_MODEL |= {"quantum_s": (int, float), "linger_s": (int, float), "max_wait_s": (int, float)}
+_MODEL |= {"priority": int}
 # vLLM's VLLM_CPU_OMP_THREADS_BIND for one worker: "auto", "nobind" or a list of
 # cpu ids and ranges.
 CPU_CORES = re.compile(r"auto|nobind|\d+(-\d+)?(,\d+(-\d+)?)*")
@@ -126,6 +137,12 @@ def parse(text: str, path: str = "<config>") -> Config:
         if entry.get("pinned") and entry.get("preload") is False:
             fail(fields["preload"][1], "a pinned model is never put to sleep, so it cannot "
                  "start asleep: drop pinned: true or preload: false")  # fmt: skip
+        knobs = {k: v for k, v in entry.items() if k in KNOBS}
+        for knob, value in knobs.items():
+            try:
+                knobs_from({knob: value})
+            except ValueError as e:
+                fail(fields[knob][1], f"models[].{e}")
         seen.add(entry["name"])
         args = entry.get("args", [])
         if isinstance(args, dict):  # {max-model-len: 2048, enforce-eager: true}
@@ -133,7 +150,7 @@ def parse(text: str, path: str = "<config>") -> Config:
         models.append(
             Model(entry["name"], entry["source"], [str(a) for a in args],
                   entry.get("idle_ttl"), entry.get("pinned", False), entry.get("preload", True),
-                  entry.get("cpu_cores"))
+                  entry.get("cpu_cores"), knobs)
         )  # fmt: skip
     top = {k: v for k, v in data.items() if k != "models"}
     return Config(models=models, **top)
@@ -162,6 +179,8 @@ def problem(key: str, value) -> str | None:
             return f"unknown device {value!r}; known: {', '.join(BACKENDS)} (cuda:N for GPU N)"
     if key == "port" and not 0 < value < 65536:
         return f"port must be 1 to 65535, not {value}"
+    if key == "policy" and value not in POLICIES:
+        return f"unknown policy {value!r}; known: {', '.join(POLICIES)}"
     return None
 
 

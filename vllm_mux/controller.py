@@ -34,12 +34,37 @@ import threading
 import time
 from contextlib import asynccontextmanager
 
-from vllm_mux.daemon import protocol
+from vllm_mux.daemon import policy, protocol
 from vllm_mux.daemon.client import Client, DaemonError, reconnect, reconnect_seconds
 
 log = logging.getLogger("vllm_mux.controller")
 
 DEFAULT_IDLE_TTL = 600.0  # seconds; VLLM_MUX_IDLE_TTL, 0 = never sleep when idle
+
+
+# The policy's knobs (daemon/policy.py) from the environment, per instance.
+KNOB_ENV = {
+    "quantum_s": "VLLM_MUX_QUANTUM_S",
+    "linger_s": "VLLM_MUX_LINGER_S",
+    "max_wait_s": "VLLM_MUX_MAX_WAIT_S",
+    "priority": "VLLM_MUX_PRIORITY",
+}
+
+
+def knobs_from_env(environ=os.environ) -> dict:
+    """The knobs set in the environment (the others keep the policy's
+    defaults); ValueError naming the variable for a value that is not one."""
+    knobs = {}
+    for knob, name in KNOB_ENV.items():
+        text = environ.get(name, "").strip()
+        if not text:
+            continue
+        try:
+            knobs[knob] = int(text) if knob == "priority" else float(text)
+            policy.knobs_from({knob: knobs[knob]})
+        except ValueError as e:
+            raise ValueError(f"{name}={text!r}: {e}") from None
+    return knobs
 
 
 class WakeError(RuntimeError):
@@ -48,7 +73,17 @@ class WakeError(RuntimeError):
 
 class Controller:
     def __init__(
-        self, socket_path, key, sleep, wake_up, idle_ttl, pinned, loop, on_lost=None, drop_host=None
+        self,
+        socket_path,
+        key,
+        sleep,
+        wake_up,
+        idle_ttl,
+        pinned,
+        loop,
+        on_lost=None,
+        drop_host=None,
+        knobs=None,
     ):
         self._sleep, self._wake_up = sleep, wake_up  # the engine's own coroutines
         # The engine's workers let their host copy go (the daemon needs the room).
@@ -56,9 +91,14 @@ class Controller:
         # What to do when the daemon is gone: stop this server (SIGTERM to self).
         self._on_lost = on_lost or (lambda: os.kill(os.getpid(), signal.SIGTERM))
         self.idle_ttl, self.pinned, self.loop = idle_ttl, pinned, loop
+        self.knobs = knobs or {}  # the policy's, told to the daemon at hello
         self.state = "awake"  # awake, sleeping, asleep, waking
         self.draining = False  # asked to sleep: new requests wait, in-flight finish
         self.in_flight = self.waiting = 0
+        # A turn is the time from one wake to the next. The requests that waited
+        # for a wake all run in the turn it begins, even if the daemon asks the
+        # instance to sleep at once: ``owed`` of them are not admitted yet.
+        self.turn = self.owed = 0
         self.failed_wakes = self.failed_sleeps = 0
         self.last_error = ""  # why the last wake or sleep failed, for whoever asked
         self.last_active = time.time()
@@ -74,11 +114,17 @@ class Controller:
     @asynccontextmanager
     async def request(self):
         """Hold the instance awake for one request, waking it first if need be."""
+        arrived = self.turn
         self.waiting += 1
         try:
-            await self._until_awake()
+            await self._until_awake(arrived)
         finally:
             self.waiting -= 1
+            if arrived < self.turn and self.owed:  # it waited for the last wake
+                self.owed -= 1
+                if not self.owed:
+                    async with self.changed:
+                        self.changed.notify_all()  # a drain may wait for it
         self.in_flight += 1
         try:
             yield
@@ -89,10 +135,13 @@ class Controller:
                 async with self.changed:
                     self.changed.notify_all()
 
-    async def _until_awake(self) -> None:
+    async def _until_awake(self, arrived: int) -> None:
+        """Until the instance is awake and admits this request: one that
+        arrived before the last wake (``arrived`` is the turn then) is admitted
+        even while the instance drains for a sleep."""
         failures = self.failed_wakes
         async with self.changed:
-            while not (self.state == "awake" and not self.draining):
+            while not (self.state == "awake" and (not self.draining or arrived < self.turn)):
                 if self.failed_wakes != failures:
                     raise WakeError("the instance failed to wake; retry later")
                 if self.state == "asleep" and not self.draining:
@@ -120,6 +169,9 @@ class Controller:
             error = e
         async with self.changed:
             self.state = "asleep" if error else "awake"
+            if not error:
+                self.turn += 1
+                self.owed = self.waiting  # every one arrived before this wake
             self.failed_wakes += error is not None
             self.last_error = str(error)[:500] if error else self.last_error
             self.last_active = time.time()
@@ -138,8 +190,8 @@ class Controller:
                 return False
             self.draining = True
             try:
-                if drain:
-                    await self.changed.wait_for(lambda: self.in_flight == 0)
+                if drain:  # what it admitted, and what waited for its last wake
+                    await self.changed.wait_for(lambda: self.in_flight == self.owed == 0)
             except BaseException:  # cancelled while draining: serve again
                 self.draining = False
                 self.changed.notify_all()
@@ -204,7 +256,12 @@ class Controller:
 
     def _hello(self, client: Client) -> None:
         client.call(
-            "hello", role="controller", key=self.key, pinned=self.pinned, idle_ttl=self.idle_ttl
+            "hello",
+            role="controller",
+            key=self.key,
+            pinned=self.pinned,
+            idle_ttl=self.idle_ttl,
+            knobs=self.knobs,
         )
 
     def _answer_daemon(self) -> None:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from vllm_mux.config import EMPTY_KEY, SIZES, Config, Model, problem, size
+from vllm_mux.controller import KNOB_ENV
 from vllm_mux.launch import CPU_ARGS, DaemonProcess, VllmServer, cpu_binds, cpu_ids
 from vllm_mux.router.app import Upstream
 
@@ -80,6 +81,7 @@ class DaemonKeeper:
         self.stopping, self.lock = stopping, lock
         self.args = ["--chunk-size", config.chunk_size] if config.chunk_size else []
         self.args += ["--host-memory", config.host_memory] if config.host_memory else []
+        self.args += ["--policy", config.policy]
         self.process: DaemonProcess | None = None
         self.starts = 0  # daemons started, for the log's name
         self.streak = 0  # exits since one ran STABLE_S
@@ -142,6 +144,8 @@ class Keeper:
         self.env = {"VLLM_MUX_PINNED": "1" if model.pinned else "", **env}
         if model.idle_ttl is not None:
             self.env["VLLM_MUX_IDLE_TTL"] = str(model.idle_ttl)
+        for knob, value in model.knobs.items():
+            self.env[KNOB_ENV[knob]] = str(value)
         self.upstream = Upstream(url="", state="starting")
         self.server: VllmServer | None = None
         self.starts = 0  # servers started, for the log's name

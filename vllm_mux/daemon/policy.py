@@ -65,6 +65,23 @@ class Knobs:
     one's wait bound) and gives it up to a higher one at once."""
 
 
+def knobs_from(fields: dict) -> Knobs:
+    """Knobs from a mapping of some of their names (a config's model entry, a
+    controller's hello); ValueError, naming the knob, for anything else."""
+    unknown = set(fields) - set(Knobs.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown knob {sorted(unknown)[0]!r}; known: {', '.join(KNOBS)}")
+    for name, value in fields.items():
+        ok = type(value) is int if name == "priority" else type(value) in (int, float)
+        if not ok or (name != "priority" and not 0 <= value < math.inf):
+            kind = "a whole number" if name == "priority" else "a number of seconds, 0 or more"
+            raise ValueError(f"{name} must be {kind}, not {value!r}")
+    return Knobs(**fields)
+
+
+KNOBS = tuple(Knobs.__dataclass_fields__)
+
+
 @dataclass(frozen=True)
 class View:
     """One instance at one moment, as the policy sees it. Times are the caller's

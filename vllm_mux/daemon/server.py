@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from vllm_mux.daemon import fallback_dir, make_fallback_dir, protocol
+from vllm_mux.daemon import policy as policies
 from vllm_mux.daemon.host import HostBooks, HostError, default_budget
 from vllm_mux.daemon.pool import Pool, PoolError
 from vllm_mux.memory import host as host_memory
@@ -106,6 +107,8 @@ class Instance:
     private_bytes: int = 0  # device memory it needs outside the pool (its budget)
     wake_latency: dict = field(default_factory=_latency)
     sleep_latency: dict = field(default_factory=_latency)
+    awake_since: float = 0.0  # when it last woke: its turn on the device began
+    wait_since: float | None = None  # when the lease it waits for was asked
 
 
 class Refused(ValueError):
@@ -121,8 +124,16 @@ class Controller:
     """The daemon's end of an instance's controller connection: the daemon asks,
     the controller answers at once (it never blocks on the engine to reply)."""
 
-    def __init__(self, conn: socket.socket, pinned: bool, idle_ttl: float, timeout: float):
+    def __init__(
+        self,
+        conn: socket.socket,
+        pinned: bool,
+        idle_ttl: float,
+        timeout: float,
+        knobs: policies.Knobs | None = None,
+    ):
         self.conn, self.pinned, self.idle_ttl = conn, pinned, idle_ttl
+        self.knobs = knobs or policies.Knobs()  # the model's, for the policy
         self.timeout = timeout
         self.lock = threading.Lock()
         self.seq = 0
@@ -166,7 +177,10 @@ class Daemon:
         socket_path: str,
         wait_timeout: float = 120.0,
         host_memory: int | None = None,
+        policy: str = policies.DEFAULT,
     ):
+        if policy not in policies.POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(policies.POLICIES)}")
         if chunk_size <= 0:
             raise ValueError(f"the chunk size must be positive, not {chunk_size}")
         n = device_memory // chunk_size
@@ -195,6 +209,8 @@ class Daemon:
         self.host_fds: dict[str, int] = {}  # digest -> the copy's memfd
         self.instances: dict[int, Instance] = {}
         self.wait_timeout = wait_timeout
+        # Who sleeps for whom, and whose lease goes first (daemon/policy.py).
+        self.policy = policies.POLICIES[policy]
         self.hello_timeout = HELLO_TIMEOUT
         self.ask_timeout = ASK_TIMEOUT
         self.lock = threading.Lock()
@@ -430,7 +446,14 @@ class Daemon:
         if not isinstance(ttl, int | float):
             protocol.send(conn, {"ok": False, "error": "bad idle_ttl"})
             return False
-        controller = Controller(conn, bool(message.get("pinned")), float(ttl), self.ask_timeout)
+        try:
+            knobs = policies.knobs_from(message.get("knobs") or {})
+        except (ValueError, TypeError) as e:  # TypeError: knobs not a mapping
+            protocol.send(conn, {"ok": False, "error": f"bad knobs: {e}"})
+            return False
+        controller = Controller(
+            conn, bool(message.get("pinned")), float(ttl), self.ask_timeout, knobs
+        )
         with controller.lock:  # no question goes out before the answer to hello
             with self.lock:
                 found = next((i for i in self.instances.values() if key and i.key == key), None)
@@ -603,6 +626,8 @@ class Daemon:
                     raise ValueError("an instance that holds chunks is not asleep")
                 me.wakes += state == "awake" and me.state == "waking"
                 me.sleeps += state == "asleep"
+                if state == "awake" and me.state != "awake":
+                    me.awake_since = time.time()
                 me.state = state
                 me.last_active = time.time()
                 self.changed.notify_all()  # a copy being dropped waits on its users' states
@@ -962,10 +987,12 @@ class Daemon:
         ``want``: the chunks it slept on, given back where still untouched.
         Returns the ids and those of them that were given back untouched.
 
-        Waits up to ``wait_timeout``; leases are granted first come, first served,
-        with one exception: an instance that is still starting (it holds chunks
-        but has no controller yet, so nobody can ask it to sleep) may take free
-        chunks ahead of the queue, since the queue may be waiting for it.
+        Waits up to ``wait_timeout``; leases are granted in the order the
+        policy says (``next_to_wake``: first come, first served under
+        switch-per-request), with one exception: an instance that is still
+        starting (it holds chunks but has no controller yet, so nobody can ask
+        it to sleep) may take free chunks ahead of the queue, since the queue
+        may be waiting for it.
         """
         deadline = time.monotonic() + self.wait_timeout
         with self.lock:
@@ -979,11 +1006,13 @@ class Daemon:
                     "the model less memory"
                 )
             self.waiters.append(me.id)
+            me.wait_since = time.time()
         try:
             while True:
                 with self.lock:
                     starting = me.controller is None and self.pool.held_by(me.id)
-                    if (self.waiters[0] == me.id or starting) and n <= len(self.pool.free):
+                    first = self._first_waiter() == me.id
+                    if (first or starting) and n <= len(self.pool.free):
                         intact = self.pool.intact(me.id, want)
                         ids = self.pool.lease(me.id, n, want)
                         if not self._save():  # a lease the books do not show could be lost
@@ -994,7 +1023,6 @@ class Daemon:
                             )
                         me.last_active = time.time()
                         return ids, sorted(intact)
-                    first = self.waiters[0] == me.id
                     if _exited(me.pidfd):  # killed mid-wake: stop holding up the queue
                         raise PoolError("the instance exited while waiting for its lease")
                     if time.monotonic() > deadline:
@@ -1010,50 +1038,66 @@ class Daemon:
         finally:
             with self.lock:
                 self.waiters.remove(me.id)
+                me.wait_since = None
                 self.changed.notify_all()
 
+    def _view(self, inst: Instance, report: dict | None = None) -> policies.View:
+        """What the policy sees of an instance (under the lock): the books' facts,
+        and its controller's ``report`` of its requests where asked for one."""
+        report = report or {}
+        return policies.View(
+            id=inst.id,
+            model=inst.model,
+            state=inst.state if inst.controller else "starting",
+            chunks=len(self.pool.held_by(inst.id)),
+            pinned=bool(inst.controller and inst.controller.pinned),
+            knobs=inst.controller.knobs if inst.controller else policies.Knobs(),
+            draining=bool(report.get("draining")),
+            in_flight=report.get("in_flight", 0),
+            waiting=report.get("waiting", 0),
+            oldest_wait=inst.wait_since,
+            turn_began=inst.awake_since,
+            last_active=max(inst.last_active, report.get("last_active", 0)),
+        )
+
+    def _first_waiter(self) -> int:
+        """The waiter whose lease goes next, by the policy (under the lock)."""
+        views = [self._view(self.instances[i]) for i in self.waiters]
+        return self.policy.next_to_wake(views, time.time())
+
     def _ask_to_sleep(self, me: Instance, n: int) -> None:
-        """Ask enough other instances to sleep that ``n`` chunks come free:
-        idle ones before busy ones, least recently active first.
+        """Ask the instances the policy names to sleep, so that ``n`` chunks
+        come free for ``me``: under switch-per-request idle ones before busy
+        ones, least recently active first; under batched only those whose turn
+        on the device is over (see policy.py).
 
         Called again every quarter second while the lease waits: asking twice
-        is harmless (an instance already draining ignores it), and an instance
-        that was waking when first asked is asked again once it is awake.
+        is harmless (an instance already draining ignores it), an instance
+        that was waking when first asked is asked again once it is awake, and
+        a turn that was protected when first asked may have ended.
         """
         with self.lock:
-            coming = sum(
-                len(self.pool.held_by(i.id))
-                for i in self.instances.values()
-                if i.state == "sleeping"
-            )
-            needed = n - len(self.pool.free) - coming
-            candidates = [
+            awake = [
                 i
                 for i in self.instances.values()
-                if i is not me
-                and i.state == "awake"
-                and i.controller
-                and not i.controller.pinned
-                and self.pool.held_by(i.id)
+                if i is not me and i.state == "awake" and i.controller and i.connected
             ]
-        if needed <= 0 or not candidates:
-            return
-        reports = {i.id: i.controller.ask("report") for i in candidates}
-        live = [i for i in candidates if reports[i.id]]
-
-        def order(i: Instance):
-            r = reports[i.id]
-            return (r["in_flight"] + r["waiting"] > 0, r["last_active"])
-
-        for victim in sorted(live, key=order):
-            if needed <= 0:
-                break
-            with self.lock:
-                holds = len(self.pool.held_by(victim.id))  # before it can release them
-            if victim.controller.ask("sleep"):
-                needed -= holds
-                if not reports[victim.id].get("draining"):
-                    log.info("asked %d (%s) to sleep for %s", victim.id, victim.model, me.model)
+        # Their requests, asked outside the lock: a controller may take its time.
+        reports = {i.id: i.controller.ask("report") for i in awake}
+        with self.lock:
+            # An awake one whose controller did not answer (or that woke since)
+            # is no candidate: nobody knows its requests.
+            views = [
+                self._view(i, reports.get(i.id))
+                for i in self.instances.values()
+                if i.connected and (reports.get(i.id) or i.state != "awake")
+            ]
+            asker = self._view(me)
+            free = len(self.pool.free)
+        decision = self.policy.victims(asker, n, free, views, time.time())
+        for victim in filter(None, map(self.instances.get, decision.sleep)):
+            if victim.controller.ask("sleep") and not reports[victim.id].get("draining"):
+                log.info("asked %d (%s) to sleep for %s", victim.id, victim.model, me.model)
 
     def _disconnected(self, me: Instance, generation: int) -> None:
         """Take the chunks back once the process is gone, not before, unless it

@@ -3,8 +3,10 @@
 Targets, on ``vllm.v1.engine.async_llm.AsyncLLM`` (the API server's engine
 client):
 - ``__init__``: once upstream has started the engine, attach a
-  ``vllm_mux.controller.Controller`` to it (per-instance ``VLLM_MUX_IDLE_TTL``
-  and ``VLLM_MUX_PINNED`` from the environment).
+  ``vllm_mux.controller.Controller`` to it (per-instance ``VLLM_MUX_IDLE_TTL``,
+  ``VLLM_MUX_PINNED`` and the switch policy's knobs, ``VLLM_MUX_QUANTUM_S``,
+  ``VLLM_MUX_LINGER_S``, ``VLLM_MUX_MAX_WAIT_S``, ``VLLM_MUX_PRIORITY``, from
+  the environment).
 - ``generate`` and ``encode``: each request first passes the controller, which
   wakes a sleeping instance and counts the request in flight. Upstream would
   queue a request for a sleeping engine until someone called ``/wake_up``.
@@ -53,7 +55,7 @@ def apply() -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    from vllm_mux.controller import DEFAULT_IDLE_TTL, Controller, WakeError
+    from vllm_mux.controller import DEFAULT_IDLE_TTL, Controller, WakeError, knobs_from_env
 
     # Every process of this instance (API server, engine, workers) shares the
     # key that joins the worker's and the controller's connections.
@@ -85,6 +87,7 @@ def apply() -> None:
             idle_ttl=float(os.environ.get("VLLM_MUX_IDLE_TTL", DEFAULT_IDLE_TTL)),
             pinned=os.environ.get("VLLM_MUX_PINNED", "") not in ("", "0"),
             loop=loop,
+            knobs=knobs_from_env(),
         )
 
     def gated(upstream):
