@@ -16,6 +16,7 @@ from vllm_mux.bench.simulate import (
     simulate,
     summary,
     synthetic,
+    write_trace,
 )
 
 GB = 10**9
@@ -133,6 +134,19 @@ def test_read_trace(tmp_path):
     path = tmp_path / "trace.csv"
     path.write_text("model,time,prompt_tokens,output_tokens,note\nb,1.5,10,3,x\na,0.25,7,1,y\n")
     assert read_trace(str(path)) == [Request(0.25, "a", 7, 1), Request(1.5, "b", 10, 3)]
+    trace = short_requests(7)
+    write_trace(str(path), trace)
+    assert read_trace(str(path)) == trace  # every float back exactly
+
+
+def test_a_request_costs_its_fixed_part_too():
+    """``request_s`` comes before the first token and holds the request's slot."""
+    costs = Costs(prefill_s_per_token=1e-3, decode_s_per_token=0.05, batch=1, request_s=0.1)
+    trace = [Request(0.0, "a", 100, 4), Request(0.0, "a", 100, 4)]
+    first, second = simulate(trace, [Model("a", GB)], costs, pool_bytes=2 * GB).served
+    assert first.ttft == pytest.approx(0.1 + 0.1 + 0.05)
+    assert first.done == pytest.approx(0.1 + 0.1 + 4 * 0.05)
+    assert second.ttft == pytest.approx(first.done + 0.25)  # one at a time
 
 
 def test_summary():

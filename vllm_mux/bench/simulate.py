@@ -24,15 +24,27 @@ What it does not model: instances awake on one device do not slow each other
 down (each batch runs at the costs given); a wake's copy takes no compute;
 nobody sleeps for being idle (``idle_ttl`` outlasts a trace). At the start each
 device holds its most requested models awake while they fit, the rest asleep.
+
+``vllm-mux bench simulate`` asks it the operator's question before buying
+hardware: M models of a size with a popularity skew and a traffic, on G
+devices of a memory size, per policy, against one model per device (vLLM as
+shipped). Its costs come from flags, or from what ``bench switch`` or ``bench
+trace`` measured. ``--validate`` plays a ``bench trace`` run's own trace
+again with the costs that run measured, and says how far the simulated
+goodput and p99 TTFT are from the measured ones.
 """
 
 import csv
 import heapq
+import json
 import math
 import random
+import statistics
+import sys
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import NamedTuple
 
 from vllm_mux.daemon.policy import DEFAULT, POLICIES, Knobs, View
@@ -64,6 +76,10 @@ class Costs:
     prefill_s_per_token: float = 0.0002
     decode_s_per_token: float = 0.02
     batch: int = 16  # requests an instance runs at once
+    request_s: float = 0.0
+    """A request's cost beside its tokens (the HTTP round trip, scheduling,
+    detokenizing): nothing next to the tokens on a GPU, most of a short
+    request's time to first token on a 2-core CPU."""
 
     def wake_s(self, model: Model) -> float:
         return model.weight_bytes / (self.h2d_gb_s * 1e9) + self.wake_fixed_s
@@ -248,7 +264,7 @@ class _Simulation:
         while inst.running < self.costs.batch and inst.queued:
             index = inst.queued.popleft()
             request = self.trace[index]
-            prefill = request.prompt_tokens * self.costs.prefill_s_per_token
+            prefill = self.costs.request_s + request.prompt_tokens * self.costs.prefill_s_per_token
             decode = self.costs.decode_s_per_token
             self.first_token[index] = now + prefill + decode
             inst.running += 1
@@ -428,3 +444,289 @@ def read_trace(path: str) -> list[Request]:
             for row in csv.DictReader(f)
         ]  # fmt: skip
     return sorted(trace, key=lambda r: r.time)
+
+
+def write_trace(path: str, trace: Iterable[Request]) -> None:
+    """The CSV ``read_trace`` reads back, exactly (floats in full)."""
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(Request._fields)
+        out.writerows(trace)
+
+
+# -- the command: vllm-mux bench simulate --
+
+GB = 10**9
+COST_FLAGS = {  # flag: (Costs field, factor from the flag's unit)
+    "wake_gbps": ("h2d_gb_s", 1.0),
+    "wake_fixed_ms": ("wake_fixed_s", 1e-3),
+    "sleep_ms": ("sleep_s", 1e-3),
+    "request_ms": ("request_s", 1e-3),
+    "prefill_ms_per_token": ("prefill_s_per_token", 1e-3),
+    "decode_ms_per_token": ("decode_s_per_token", 1e-3),
+    "batch": ("batch", 1),
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--policies",
+        default=",".join(POLICIES),
+        help=f"comma-separated, among {', '.join(POLICIES)} (default: all)",
+    )
+    p.add_argument("--slo", type=float, default=2.0, help="TTFT within which a request is good")
+    p.add_argument("--output", help="also write the figures as JSON here")
+    p.add_argument(
+        "--validate",
+        metavar="FILE",
+        help="simulate the trace of a `bench trace --output` FILE with the costs it measured "
+        "(flags override them) and compare with what it measured",
+    )
+    w = p.add_argument_group("the fleet and its traffic (synthetic unless --trace)")
+    w.add_argument("--models", type=int, default=100, help="M models (default 100)")
+    w.add_argument("--model-gb", type=float, default=16.0, help="each model's weights (16)")
+    w.add_argument("--kv-gb", type=float, default=4.0, help="each model's KV cache (4)")
+    w.add_argument("--zipf", type=float, default=1.0, help="popularity: k-th model ~ 1/k**s (1)")
+    w.add_argument("--rate", type=float, default=20.0, help="requests/s, all models (20)")
+    w.add_argument("--cv", type=float, default=1.0, help="arrivals' burstiness: 1 Poisson (1)")
+    w.add_argument("--prompt-tokens", type=float, default=256, help="mean (256)")
+    w.add_argument("--output-tokens", type=float, default=64, help="mean (64)")
+    w.add_argument("--duration", type=float, default=600.0, help="seconds of traffic (600)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--trace", help="replay this CSV (time, model, prompt_tokens, output_tokens)")
+    w.add_argument("--devices", type=int, default=16, help="G devices (default 16)")
+    w.add_argument("--device-gb", type=float, default=80.0, help="each device's pool (80)")
+    k = p.add_argument_group("every model's knobs (default: the policy's)")
+    for knob in ("quantum_s", "linger_s", "max_wait_s"):
+        k.add_argument(f"--{knob.replace('_', '-')}", type=float)
+    c = p.add_argument_group(
+        "costs (default: a GPU-like device, below; --costs FILE: a `bench switch` or "
+        "`bench trace` --output; flags override either)"
+    )
+    c.add_argument("--costs", metavar="FILE")
+    d = Costs()
+    c.add_argument("--wake-gbps", type=float, help=f"weights copied per second ({d.h2d_gb_s})")
+    c.add_argument(
+        "--wake-fixed-ms", type=float, help=f"a wake beside its copy ({d.wake_fixed_s * 1e3:g})"
+    )
+    c.add_argument("--sleep-ms", type=float, help=f"a sleep ({d.sleep_s * 1e3:g})")
+    c.add_argument(
+        "--request-ms", type=float, help=f"a request beside its tokens ({d.request_s * 1e3:g})"
+    )
+    c.add_argument("--prefill-ms-per-token", type=float, help=f"({d.prefill_s_per_token * 1e3:g})")
+    c.add_argument("--decode-ms-per-token", type=float, help=f"({d.decode_s_per_token * 1e3:g})")
+    c.add_argument("--batch", type=int, help=f"requests a model runs at once ({d.batch})")
+
+
+def run(args) -> int:
+    try:
+        return validate(args) if args.validate else fleet(args)
+    except (ValueError, OSError) as e:  # the user's: a flag, a file, a model that does not fit
+        print(f"vllm-mux bench simulate: {e}", file=sys.stderr)
+        return 2
+
+
+def fleet(args) -> int:
+    """The operator's question: M models on G devices, per policy, and what
+    one model per device needs for the same SLO attainment."""
+    policies = _policies(args.policies)
+    numbers = ("model_gb", "rate", "cv", "prompt_tokens", "output_tokens", "duration", "slo")
+    for name in numbers:
+        if not getattr(args, name) > 0:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be above 0, not {getattr(args, name)}"
+            )
+    if args.models < 1 or args.devices < 1 or args.kv_gb < 0:
+        raise ValueError("--models and --devices must be 1 or more, --kv-gb 0 or more")
+    if args.model_gb + args.kv_gb > args.device_gb:
+        raise ValueError(f"a model ({args.model_gb:g} GB + {args.kv_gb:g} GB of KV cache) does "
+                         f"not fit a device of {args.device_gb:g} GB")  # fmt: skip
+    costs = _costs(args, _costs_file(args.costs) if args.costs else Costs())
+    if args.trace:
+        trace = read_trace(args.trace)
+        names = sorted({r.model for r in trace})
+    else:
+        names = [f"m{k}" for k in range(args.models)]
+        trace = synthetic(
+            names, duration_s=args.duration, rate_per_s=args.rate, zipf_s=args.zipf, cv=args.cv,
+            prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed,
+        )  # fmt: skip
+    knobs = _knobs(args, {})
+    models = [Model(n, round(args.model_gb * GB), round(args.kv_gb * GB), knobs) for n in names]
+    rows = {}
+    for policy in policies:
+        result = simulate(trace, models, costs, devices=args.devices,
+                          pool_bytes=round(args.device_gb * GB), policy=policy)  # fmt: skip
+        rows[policy] = summary(result, args.slo) | {"devices": args.devices}
+    alone = summary(one_model_per_device(trace, models, costs), args.slo)
+    rows["one model per device"] = alone | {"devices": len(models)}
+    print(f"{len(trace)} requests for {len(models)} models of {args.model_gb:g} GB "
+          f"(+{args.kv_gb:g} GB KV), {args.devices} devices of {args.device_gb:g} GB, "
+          f"TTFT SLO {args.slo:g} s; costs {costs}")  # fmt: skip
+    _print_fleet(rows)
+    best = max(rows[p]["slo_attainment"] for p in policies)
+    print(
+        f"one model per device (vLLM as shipped) needs {len(models)} devices, one per model "
+        f"whatever its traffic, not {args.devices}; there its SLO attainment is "
+        f"{alone['slo_attainment']:.1%} against {best:.1%} here"
+        + ("" if alone["slo_attainment"] >= best else " (more would take replicas, not modelled)")
+    )
+    if args.output:
+        Path(args.output).write_text(json.dumps({"costs": asdict(costs), "rows": rows}, indent=1))
+    return 0
+
+
+def validate(args) -> int:
+    """The live trace again, simulated with the costs measured in its run."""
+    data = _read_json(args.validate)
+    try:
+        trace = [Request(*r) for r in data["trace"]]
+        runs, names, slo = data["runs"], data["models"], data["slo_s"]
+        pool = next(iter(runs.values()))["pool"]
+        knobs = _knobs(args, data["knobs"])
+        costs = _costs(args, _measured(data))
+    except (KeyError, TypeError, StopIteration) as e:
+        raise ValueError(f"{args.validate} is not a `bench trace --output` file ({e!r})") from None
+    chunk = pool["chunk_bytes"]
+    models = [Model(n, pool["model_chunks"] * chunk, knobs=knobs) for n in names]
+    print(f"{args.validate}: {len(trace)} requests, {len(names)} models; costs {costs}")
+    rows = {}
+    for policy, measured in runs.items():
+        result = simulate(trace, models, costs, pool_bytes=pool["total_chunks"] * chunk,
+                          chunk_bytes=chunk, policy=policy)  # fmt: skip
+        simulated = summary(result, slo)
+        rows[policy] = {
+            key: {"measured": measured["figures"][key], "simulated": simulated[key],
+                  "error": _error(simulated[key], measured["figures"][key])}
+            for key in ("goodput_per_s", "ttft_p99_s", "completed_per_s", "switches_per_min")
+        }  # fmt: skip
+    _print_validation(rows)
+    worst = max(abs(r[k]["error"]) for r in rows.values() for k in ("goodput_per_s", "ttft_p99_s"))
+    print(f"largest error of goodput and p99 TTFT: {worst:.1%} (the target: within 20%)")
+    if args.output:
+        Path(args.output).write_text(json.dumps({"costs": asdict(costs), "rows": rows}, indent=1))
+    return 0
+
+
+def _error(simulated: float, measured: float) -> float:
+    """Relative error; nan when the measured figure is 0 or not finite."""
+    if not measured or not math.isfinite(measured):
+        return math.nan
+    return (simulated - measured) / measured
+
+
+def _policies(text: str) -> list[str]:
+    policies = [s.strip() for s in text.split(",") if s.strip()]
+    if not policies or any(p not in POLICIES for p in policies):
+        raise ValueError(f"--policies takes names among {', '.join(POLICIES)}, not {text!r}")
+    return policies
+
+
+def _knobs(args, base: dict) -> Knobs:
+    given = {k: getattr(args, k) for k in ("quantum_s", "linger_s", "max_wait_s")}
+    return Knobs(**base | {k: v for k, v in given.items() if v is not None})
+
+
+def _costs(args, base: Costs) -> Costs:
+    given = {field: getattr(args, flag) * factor for flag, (field, factor) in COST_FLAGS.items()
+             if getattr(args, flag) is not None}  # fmt: skip
+    costs = replace(base, **given)
+    positive = ("h2d_gb_s", "decode_s_per_token", "batch")
+    some = ("wake_fixed_s", "sleep_s", "request_s", "prefill_s_per_token")
+    if any(not getattr(costs, f) > 0 for f in positive) or any(getattr(costs, f) < 0 for f in some):
+        raise ValueError(f"costs must be positive (wake GB/s, decode, batch) or 0 or more: {costs}")
+    return costs
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not an object")
+    return data
+
+
+def _costs_file(path: str) -> Costs:
+    """Costs from a ``bench switch --output`` or ``bench trace --output`` file."""
+    data = _read_json(path)
+    try:
+        return _measured(data) if "runs" in data else _switch_costs(data)
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"{path}: no {e} among its costs") from None
+
+
+def _switch_costs(s: dict) -> Costs:
+    """From ``bench switch``: the wake's copy at the speed the instance measured
+    (lease, map and copy), the engine's resume beside it, a sleep through HTTP,
+    decode from tokens/s; its prompt is a few tokens, so the rest of the awake
+    time to first token is the request's own cost."""
+    decode = 1 / s["tokens_per_s_mux"]
+    return Costs(
+        h2d_gb_s=s["wake_gbps"],
+        wake_fixed_s=max(0.0, s["wake_ms_http"] - s["wake_ms_instance"]) / 1e3,
+        sleep_s=s["sleep_ms_http"] / 1e3,
+        prefill_s_per_token=0.0,
+        decode_s_per_token=decode,
+        request_s=max(0.0, s["ttft_awake_ms"] / 1e3 - decode),
+    )
+
+
+def _measured(data: dict) -> Costs:
+    """From ``bench trace``: the medians of its runs' calibrations. A switch as
+    its requests saw it (time to first token of a request to a sleeping model,
+    the awake one idle, less that of an awake one) is a sleep and a wake: the
+    wake is the rest, whatever it copied, so the copy is not scaled by size."""
+    calibrations = [r["costs"] for r in data["runs"].values()]
+
+    def median(key):
+        values = [c[key] for c in calibrations if c.get(key) is not None]
+        if not values:
+            raise KeyError(key)
+        return statistics.median(values)
+
+    sleep = median("sleep_s")
+    return Costs(
+        h2d_gb_s=math.inf,
+        wake_fixed_s=max(0.0, median("switch_s") - sleep),
+        sleep_s=sleep,
+        prefill_s_per_token=median("prefill_s_per_token"),
+        decode_s_per_token=median("decode_s_per_token"),
+        batch=round(median("batch")),
+        request_s=median("request_s"),
+    )
+
+
+def _print_fleet(rows: dict) -> None:
+    columns = [("devices", "{:d}"), ("slo_attainment", "{:.1%}"), ("goodput_per_s", "{:.2f}"),
+               ("utilisation", "{:.1%}"), ("switches_per_min", "{:.1f}"),
+               ("switching_fraction", "{:.1%}"), ("ttft_p99_s", "{:.3f}")]  # fmt: skip
+    width = max(len(k) for k in rows)
+    print(f"{'':<{width}}  " + "  ".join(f"{c:>18}" for c, _ in columns))
+    for name, row in rows.items():
+        print(f"{name:<{width}}  " + "  ".join(f"{f.format(row[c]):>18}" for c, f in columns))
+
+
+def _print_validation(rows: dict) -> None:
+    print(f"{'':<20}  {'figure':<18}  {'measured':>10}  {'simulated':>10}  {'error':>8}")
+    for policy, figures in rows.items():
+        for key, v in figures.items():
+            print(f"{policy:<20}  {key:<18}  {v['measured']:>10.3f}  {v['simulated']:>10.3f}  "
+                  f"{v['error']:>8.1%}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vllm_mux.bench.simulate``: the same as ``vllm-mux bench simulate``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="vllm-mux bench simulate", description=__doc__.split("\n")[0]
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
