@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("VLLM_MUX_API_KEY"),
         help="default: $VLLM_MUX_API_KEY (a key on the command line shows in ps)",
     )
-    p.add_argument("--max-body", help="the largest request body the router takes (16MiB)")
+    p.add_argument("--max-body", help="the largest request body the router takes (32MiB: a 25 MB audio file fits)")
     p.add_argument("--policy", choices=policies.POLICIES, help="the daemon's --policy")
     p.add_argument("--socket", default=default_socket())
     p.add_argument("--log-dir", help="where each process logs (default: a temporary folder)")

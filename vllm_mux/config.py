@@ -6,7 +6,7 @@ In the spirit of llama-swap's single file::
     device_memory: 2GiB
     host_memory: 8GiB              # copies of weights to wake from (default: half the RAM)
     port: 8000
-    max_body: 16MiB                # the largest request body the router takes
+    max_body: 32MiB                # the largest request body the router takes (audio: 25 MB)
     policy: batched                # who sleeps for whom (or switch-per-request)
     models:
       - name: smol
@@ -68,7 +68,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_body: str = "16MiB"
+    max_body: str = "32MiB"  # a 25 MB audio upload (OpenAI's limit) and its form
     policy: str = DEFAULT
 
 
