@@ -389,7 +389,7 @@ def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool
 
     async def main():
         join(pool, "org/a", 2)
-        with TestClient(app) as http:
+        with TestClient(app, base_url="http://localhost:8000") as http:
 
             def post(path: str, key="k"):
                 headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -398,11 +398,13 @@ def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool
             def code(r):
                 return r.status_code, r.json()["error"]["code"]
 
-            no_key = await asyncio.to_thread(post, "org/a/sleep", None)
-            assert code(no_key) == (401, "invalid_api_key")
+            for key in (None, "wrong"):
+                refused = await asyncio.to_thread(post, "org/a/sleep", key)
+                assert code(refused) == (401, "invalid_api_key")
             assert code(await asyncio.to_thread(post, "b/sleep")) == (404, "model_not_found")
-            # Served by the router, unknown to the daemon (its server is not up yet).
-            assert code(await asyncio.to_thread(post, "ghost/wake")) == (503, "model_not_found")
+            # Served by the router, unknown to the daemon (its server is not up
+            # yet): not "model_not_found", which says the router does not serve it.
+            assert code(await asyncio.to_thread(post, "ghost/wake")) == (503, "model_not_running")
             assert code(await asyncio.to_thread(post, "back/wake")) == (503, "model_unavailable")
             r = await asyncio.to_thread(post, "org/a/pin")
             assert r.json() | {"message": ""} == {
@@ -413,6 +415,8 @@ def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool
             r = await asyncio.to_thread(post, "org/a/sleep")
             assert r.status_code == 200 and r.json()["state"] == "asleep"
             assert r.json()["message"].startswith("org/a is asleep (slept in ")
+            assert r.headers["x-content-type-options"] == "nosniff"
+            assert r.headers["cache-control"] == "no-store"
         assert books(pool, "org/a")["chunks"] == 0
 
     asyncio.run(main())

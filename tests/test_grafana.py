@@ -89,6 +89,44 @@ def queried_names(expr: str) -> set[str]:
     return {name for name, _ in queried(expr)}
 
 
+def labels_used(expr: str) -> list[tuple[str, str]]:
+    """(metric, label) for each label name that a selector of ``expr`` uses on
+    its metric (``m{model="a"}``), or a ``by``/``without`` clause on the
+    metrics it aggregates (``sum by (model) (m)``, ``sum (m) by (model)``)."""
+    tokens = [(m.lastgroup, m.group()) for m in _TOKEN.finditer(expr)]
+    tokens = [(kind, text) for kind, text in tokens if not text.isspace()]
+    depth = {"open": 1, "close": -1}
+
+    def matching(i: int, step: int) -> int:
+        """The bracket that closes (step 1) or opens (step -1) the one at ``i``."""
+        level = 0
+        while True:
+            level += depth.get(tokens[i][0], 0) * step
+            if level == 0:
+                return i
+            i += step
+
+    def names(i: int, j: int) -> set[str]:
+        return queried_names(" ".join(text for _, text in tokens[i : j + 1]))
+
+    found = []
+    for i, (kind, text) in enumerate(tokens):
+        after = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+        if kind == "name" and after == "{" and text not in _GROUPING:
+            for k in range(i + 2, matching(i + 1, 1)):
+                if tokens[k][0] == "name" and tokens[k + 1][1] in ("=", "!=", "=~", "!~"):
+                    found.append((text, tokens[k][1]))
+        elif kind == "name" and text in ("by", "without"):
+            end = matching(i + 1, 1)
+            labels = [t for k, t in tokens[i + 2 : end] if k == "name"]
+            if end + 1 < len(tokens) and tokens[end + 1][1] == "(":  # sum by (l) (m)
+                aggregated = names(end + 1, matching(end + 1, 1))
+            else:  # sum (m) by (l)
+                aggregated = names(matching(i - 1, -1), i - 1)
+            found += [(name, label) for name in sorted(aggregated) for label in labels]
+    return found
+
+
 # -- the dashboard --
 
 
@@ -104,15 +142,15 @@ def exprs(board: dict) -> list[tuple[str, str]]:
     return [(p["title"], t["expr"]) for p in panels for t in p.get("targets", [])]
 
 
-def variable_queries(board: dict) -> list[str]:
-    """The series selector of each ``label_values(selector, label)`` variable."""
+def variable_queries(board: dict) -> list[tuple[str, str]]:
+    """(series selector, label) of each ``label_values(selector, label)`` variable."""
     out = []
     for v in board["templating"]["list"]:
         if v["type"] == "query":
             query = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
-            m = re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", query)
+            m = re.fullmatch(r"\s*label_values\((.*),\s*(\w+)\s*\)\s*", query)
             assert m, f"variable {v['name']}: {query!r}"
-            out.append(m.group(1))
+            out.append((m.group(1), m.group(2)))
     return out
 
 
@@ -120,10 +158,10 @@ def variable_queries(board: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exported():
-    """{sample name: its family's type} from the router's /metrics, once a
-    request has gone through it and the daemon knows an awake and an asleep
-    model (so that wakes, sleeps and both histograms have samples)."""
+def scraped():
+    """The router's /metrics, once a request has gone through it and the
+    daemon knows an awake and an asleep model (so that wakes, sleeps and both
+    histograms have samples)."""
     d = LiveDaemon(os.path.join(tempfile.mkdtemp(prefix="vmux"), "d.sock"), 8, CS)
     alpha, beta = d.client(), d.client()
     alpha.hello("alpha")
@@ -139,14 +177,38 @@ def exported():
     try:
         body = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}]}
         assert httpx.post(f"{router.url}/v1/chat/completions", json=body).status_code == 200
-        text = httpx.get(f"{router.url}/metrics").text
+        return httpx.get(f"{router.url}/metrics").text
     finally:
         router.stop()
         for fake in fakes.values():
             fake.served.stop()
         alpha.release(ids)
         d.stop()
-    return {s.name: f.type for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+@pytest.fixture(scope="module")
+def exported(scraped):
+    """{sample name: its family's type}."""
+    return {s.name: f.type for f in text_string_to_metric_families(scraped) for s in f.samples}
+
+
+@pytest.fixture(scope="module")
+def labelled(scraped):
+    """{sample name: the label names its samples have}."""
+    out = {}
+    for family in text_string_to_metric_families(scraped):
+        for s in family.samples:
+            out.setdefault(s.name, set()).update(s.labels)
+    return out
+
+
+def mislabelled(expr: str, labelled: dict) -> list[str]:
+    """The labels ``expr`` uses on an exported metric that has no such label."""
+    return [
+        f"{name}: no label {label}"
+        for name, label in labels_used(expr)
+        if name in labelled and label not in labelled[name] | {"__name__"}
+    ]
 
 
 def unexported(expr: str, exported: dict) -> list[str]:
@@ -219,14 +281,17 @@ def test_the_dashboard_is_an_importable_dashboard():
     assert len(cells) == len(set(cells))
 
 
-def test_every_queried_metric_is_one_the_router_exports(exported):
+def test_every_queried_metric_is_one_the_router_exports(exported, labelled):
     board = dashboard()
     problems = [
         f"{title}: {problem}"
         for title, expr in exprs(board)
-        for problem in unexported(expr, exported)
+        for problem in unexported(expr, exported) + mislabelled(expr, labelled)
     ]
-    problems += [p for q in variable_queries(board) for p in unexported(q, exported)]
+    for query, label in variable_queries(board):
+        problems += unexported(query, exported) + mislabelled(query, labelled)
+        problems += [f"{n}: no label {label}" for n in queried_names(query)
+                     if label not in labelled.get(n, ())]  # fmt: skip
     assert problems == []
     # What the issue asks the dashboard to show is there.
     shown = {name for _, expr in exprs(board) for name in queried_names(expr)}
@@ -256,4 +321,22 @@ def test_a_metric_the_router_does_not_export_is_caught(exported):
     ]
     assert unexported("rate(vllm_mux:instance_bytes[5m])", exported) == [
         "vllm_mux:instance_bytes: a gauge under rate"
+    ]
+
+
+def test_a_label_the_metric_does_not_have_is_caught(labelled):
+    ok = ('histogram_quantile(0.9, sum by (le, model) (rate(vllm_mux:wake_latency_seconds_bucket'
+          '{model=~"$model"}[5m])))')  # fmt: skip
+    assert mislabelled(ok, labelled) == []
+    assert mislabelled('vllm_mux:wakes_total{modle="a", model!="b"}', labelled) == [
+        "vllm_mux:wakes_total: no label modle"
+    ]
+    assert mislabelled("sum by (modle) (rate(vllm_mux:wakes_total[5m]))", labelled) == [
+        "vllm_mux:wakes_total: no label modle"
+    ]
+    assert mislabelled("sum (vllm_mux:instance_bytes) without (modle)", labelled) == [
+        "vllm_mux:instance_bytes: no label modle"
+    ]
+    assert mislabelled("max by (model) (vllm_mux:daemon_up)", labelled) == [
+        "vllm_mux:daemon_up: no label model"
     ]

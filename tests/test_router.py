@@ -7,6 +7,7 @@ package and plain httpx. No vLLM, no model: fast.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -94,8 +95,8 @@ class FakeVllm:
     async def echo(self, request: Request):
         """What arrived, as JSON (for the openai client: an embedding, a
         transcription's text and a response, all in one); a new response's
-        id is ``resp-<name>-<n>``; ``stream`` in a JSON body or the query asks
-        for Responses API events."""
+        id is its ``request_id`` or ``resp-<name>-<n>``; ``stream`` in a JSON
+        body or the query asks for Responses API events."""
         body = await request.body()
         seen = Echoed(
             request.method,
@@ -109,8 +110,10 @@ class FakeVllm:
             return JSONResponse({}, 499)
         if self.status != 200:
             return self._refusal()
+        asked = json.loads(body) if seen.content_type == "application/json" else {}
+        made = asked.get("request_id") or f"resp-{self.name}-{len(self.echoed)}"  # vLLM's way
         answer = {
-            "id": request.path_params.get("response_id", f"resp-{self.name}-{len(self.echoed)}"),
+            "id": request.path_params.get("response_id", made),
             "object": "echo",
             "created_at": 0,
             "model": self.name,
@@ -120,7 +123,6 @@ class FakeVllm:
             "output": [],
             "usage": {"prompt_tokens": 1, "total_tokens": 1},
         }
-        asked = json.loads(body) if seen.content_type == "application/json" else {}
         if asked.get("stream") or request.query_params.get("stream") == "true":
             created = {"type": "response.created", "sequence_number": 0, "response": answer}
             events = f"event: response.created\ndata: {json.dumps(created)}\n\n"
@@ -299,6 +301,9 @@ def chat(c: openai.OpenAI, model: str, prompt: str = "hi", **kwargs):
     )
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def assert_error(response: httpx.Response, status: int, code, retry_after=None) -> dict:
     """An error in OpenAI's shape, exactly."""
     assert response.status_code == status, response.text
@@ -428,7 +433,7 @@ def test_unknown_model_404(router):
 def test_bad_requests_400(router):
     r = httpx.post(f"{router.url}/v1/chat/completions", json={"messages": []})
     assert assert_error(r, 400, None)["param"] == "model"
-    r = httpx.post(f"{router.url}/v1/chat/completions", content=b"{not json")
+    r = httpx.post(f"{router.url}/v1/chat/completions", content=b"{not json", headers=JSON)
     assert_error(r, 400, None)
     r = httpx.post(f"{router.url}/v1/completions", json=["model", "alpha"])
     assert_error(r, 400, None)
@@ -594,14 +599,26 @@ def test_metrics(router):
     assert m["vllm_mux:request_queue_length", (("model", "alpha"),)] == 0
 
 
-def test_unknown_path_is_openai_shaped(router):
-    assert_error(httpx.get(f"{router.url}/v1/nothing"), 404, None)
-    assert_error(httpx.get(f"{router.url}/v1/completions"), 405, None)
+def test_unknown_path_is_openai_shaped_and_counted(router_factory):
+    router = router_factory(api_key="k")
+    key = {"Authorization": "Bearer k"}
+    assert_error(httpx.get(f"{router.url}/v1/nothing", headers=key), 404, None)
+    assert_error(httpx.get(f"{router.url}/v1/completions", headers=key), 405, None)
+    assert_error(httpx.get(f"{router.url}/v1/models"), 401, "invalid_api_key")
+    r = httpx.post(
+        f"{router.url}/v1/embeddings",
+        json={"model": "alpha"},
+        headers={"Authorization": "Bearer no"},
+    )
+    assert_error(r, 401, "invalid_api_key")
+    m = metrics(router, **key)
+    for status, n in (("404", 1), ("405", 1), ("401", 2)):
+        assert m["vllm_mux:requests_total", (("model", ""), ("status", status))] == n, status
 
 
 def test_deeply_nested_json_is_a_400_and_counted(router):
     body = b'{"model": "alpha", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    r = httpx.post(f"{router.url}/v1/completions", content=body)
+    r = httpx.post(f"{router.url}/v1/completions", content=body, headers=JSON)
     assert_error(r, 400, None)
     assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "400"))] == 1
     assert_serving(router)
@@ -609,7 +626,7 @@ def test_deeply_nested_json_is_a_400_and_counted(router):
 
 def test_a_non_ascii_header_is_a_400_and_counted(router, fakes):
     body = b'{"model": "alpha", "prompt": "x"}'
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Name: caf\xe9\r\n"
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Name: caf\xe9\r\n"
     head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
     arrived = len(fakes["alpha"].arrived)
     assert_raw_error(raw(router, head + body), 400, None)
@@ -621,7 +638,7 @@ def test_a_non_ascii_header_is_a_400_and_counted(router, fakes):
 def test_a_body_over_the_limit_is_refused_before_it_is_read(router_factory):
     limit = 64 << 10
     router = router_factory(max_body=limit)
-    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     # Announced: refused at once, though not one byte of the body was sent.
     assert_raw_error(raw(router, head + b"Content-Length: 100000000\r\n\r\n"), 413,
                      "request_too_large")  # fmt: skip
@@ -635,9 +652,9 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(router_factory):
     prompt = "x" * (limit - len(json.dumps({"model": "alpha", "prompt": ""})))
     body = json.dumps({"model": "alpha", "prompt": prompt}).encode()
     assert len(body) == limit
-    r = httpx.post(f"{router.url}/v1/completions", content=body + b" ")
+    r = httpx.post(f"{router.url}/v1/completions", content=body + b" ", headers=JSON)
     assert_error(r, 413, "request_too_large")
-    r = httpx.post(f"{router.url}/v1/completions", content=body)
+    r = httpx.post(f"{router.url}/v1/completions", content=body, headers=JSON)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == f"alpha: {prompt}"
     assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "413"))] == 3
     assert_serving(router)
@@ -649,7 +666,8 @@ def test_an_empty_api_key_is_refused_never_accepted(router_factory):
     router = router_factory(api_key="sekret")
     for value in (b"Bearer ", b"Bearer", b"Bearer  \t", b""):
         answer = raw(
-            router, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: %s\r\n\r\n" % value
+            router,
+            b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: %s\r\n\r\n" % value,
         )
         assert_raw_error(answer, 401, "invalid_api_key")
 
@@ -782,13 +800,15 @@ def test_every_json_endpoint_reaches_its_model(router, fakes):
     for i, path in enumerate(others):
         model = ("alpha", "beta")[i % 2]
         body = json.dumps({"model": model, "input": path}).encode()
-        headers = {"X-Trace": path, "Content-Type": "text/plain"}
+        # Any JSON type, which goes on as the one vLLM takes.
+        kind = ("application/json; charset=utf-8", "application/vnd.api+json")[i % 2]
+        headers = {"X-Trace": path, "Content-Type": kind}
         r = httpx.post(f"{router.url}{path}", content=body, headers=headers)
         assert r.status_code == 200, (path, r.text)
         assert (r.json()["model"], r.json()["path"]) == (model, path)
         seen = fakes[model].echoed[-1]
         assert (seen.method, seen.path, seen.body) == ("POST", path, body)
-        assert seen.content_type == "application/json"  # what vLLM takes, and it parsed as such
+        assert seen.content_type == "application/json"
         assert fakes[model].arrived[-1]["x-trace"] == path
 
 
@@ -862,8 +882,7 @@ def test_a_body_without_a_usable_model_is_a_400(router, fakes):
             assert_error(httpx.post(form, content=body, headers=headers), 400, None)["param"]
             == "model"
         )
-    # Not a form at all, a form without a boundary, a broken or non-UTF-8 one.
-    assert_error(httpx.post(form, json={"model": "alpha"}), 400, None)
+    # A form without a boundary, a broken or non-UTF-8 one.
     body, headers = multipart(("model", None, b"alpha"))
     no_boundary = {"Content-Type": "multipart/form-data"}
     assert_error(httpx.post(form, content=body, headers=no_boundary), 400, None)
@@ -874,7 +893,7 @@ def test_a_body_without_a_usable_model_is_a_400(router, fakes):
     body, headers = multipart(("model", None, b"gamma"))
     assert_error(httpx.post(form, content=body, headers=headers), 404, "model_not_found")
     assert {name: len(fake.arrived) for name, fake in fakes.items()} == arrived
-    n = 4 * 4 + 3 + 4  # JSON, forms without a model, bad forms
+    n = 4 * 4 + 3 + 3  # JSON, forms without a model, bad forms
     assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "400"))] == n
     assert_serving(router)
 
@@ -955,5 +974,348 @@ def test_a_new_endpoint_queues_and_counts_like_chat(router_factory, fakes):
         assert m["vllm_mux:requests_total", (("model", "slow"), ("status", status))] == n
     assert m["vllm_mux:requests_total", (("model", "busy"), ("status", "503"))] == 1
     assert m["vllm_mux:requests_total", (("model", "dead"), ("status", "503"))] == 1
-    assert m["vllm_mux:time_to_first_token_seconds_count", (("model", "slow"),)] == 1
+    # Embeddings, scores and tokens generate no tokens: no time to first token.
+    assert ("vllm_mux:time_to_first_token_seconds_count", (("model", "slow"),)) not in m
     assert m[queue] == 0
+
+
+# -- what a hostile client or web page may try --
+
+
+def test_json_endpoints_take_json_only_and_forms_only_forms(router, fakes):
+    """What a web page may send without asking (text/plain, a form) is
+    refused, as vLLM refuses it, before it reaches an instance."""
+    arrived = {name: len(fake.arrived) for name, fake in fakes.items()}
+    body = json.dumps({"model": "alpha", "input": "x"}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
+                 "application/jsonx", None):  # fmt: skip
+        headers = {"Content-Type": kind} if kind else {}
+        r = httpx.post(f"{router.url}/v1/embeddings", content=body, headers=headers)
+        assert_error(r, 415, "unsupported_media_type")
+    form = f"{router.url}/v1/audio/transcriptions"
+    assert_error(httpx.post(form, json={"model": "alpha"}), 415, "unsupported_media_type")
+    assert {name: len(fake.arrived) for name, fake in fakes.items()} == arrived
+    assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "415"))] == 6
+
+
+def test_requests_from_another_site_are_refused(router_factory, fakes):
+    """A page elsewhere (its Origin), or one that rebinds its own name to the
+    loopback address (its name in Host), gets nothing, not even the controls."""
+    router = router_factory()
+    port = router.url.rsplit(":", 1)[1]
+    arrived = len(fakes["alpha"].arrived)
+    body = {"model": "alpha", "input": "x"}
+    for origin in ("https://evil.example", "null", f"http://evil.example:{port}",
+                   f"https://127.0.0.1:{port}", "http://127.0.0.1"):  # fmt: skip
+        headers = {"Origin": origin}
+        r = httpx.post(f"{router.url}/v1/embeddings", json=body, headers=headers)
+        assert_error(r, 403, "forbidden")
+        assert_error(httpx.post(f"{router.url}/mux/models/alpha/sleep", headers=headers), 403,
+                     "forbidden")  # fmt: skip
+    for host in (f"evil.example:{port}", "evil.example", "127.0.0.1.nip.io"):
+        r = httpx.get(f"{router.url}/v1/models", headers={"Host": host})
+        assert_error(r, 403, "forbidden")
+    assert len(fakes["alpha"].arrived) == arrived
+    assert httpx.get(f"{router.url}/health", headers={"Host": "probe.example"}).status_code == 200
+    # The router's own page, under its loopback names.
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", "LOCALHOST"):
+        origin = f"http://{host}"
+        r = httpx.post(f"{router.url}/v1/embeddings", json=body,
+                       headers={"Host": host, "Origin": origin})  # fmt: skip
+        assert r.status_code == 200, (host, r.text)
+    # Listening on every address, it is reached by any name, but still not
+    # from another origin.
+    anywhere = router_factory(bound_host="0.0.0.0")
+    headers = {"Host": "gpu-box.lan:8000"}
+    assert httpx.get(f"{anywhere.url}/v1/models", headers=headers).status_code == 200
+    r = httpx.get(f"{anywhere.url}/v1/models", headers={**headers, "Origin": "http://a.example"})
+    assert_error(r, 403, "forbidden")
+    assert metrics(router)["vllm_mux:requests_total", (("model", ""), ("status", "403"))] == 13
+
+
+def test_a_response_id_two_models_answered_is_neither_ones(router, fakes):
+    """A client may choose its response's id (``request_id``): choosing
+    another's must not take that response over."""
+    made = httpx.post(f"{router.url}/v1/responses", json={"model": "alpha", "input": "mine"})
+    mine = made.json()["id"]
+    assert httpx.get(f"{router.url}/v1/responses/{mine}").json()["model"] == "alpha"
+    theirs = {"model": "beta", "input": "x", "request_id": mine}
+    assert httpx.post(f"{router.url}/v1/responses", json=theirs).json()["id"] == mine
+    arrived = len(fakes["beta"].arrived)
+    assert_error(httpx.get(f"{router.url}/v1/responses/{mine}"), 409, "ambiguous_response_id")
+    assert_error(httpx.post(f"{router.url}/v1/responses/{mine}/cancel"), 409,
+                 "ambiguous_response_id")  # fmt: skip
+    assert len(fakes["beta"].arrived) == arrived
+    # The same model answering an id again is no ambiguity.
+    again = {"model": "alpha", "input": "x", "request_id": "again"}
+    for _ in range(2):
+        httpx.post(f"{router.url}/v1/responses", json=again)
+    assert httpx.get(f"{router.url}/v1/responses/again").json()["model"] == "alpha"
+    # An id too long to keep is not kept.
+    long = {"model": "alpha", "input": "x", "request_id": "r" * 257}
+    assert httpx.post(f"{router.url}/v1/responses", json=long).status_code == 200
+    assert_error(httpx.get(f"{router.url}/v1/responses/{'r' * 257}"), 404, None)
+
+
+@pytest.mark.parametrize("stream", ["true", 1, "on"])
+def test_a_loosely_true_stream_is_a_stream(router_factory, fakes, monkeypatch, stream):
+    """vLLM (pydantic) reads "true", 1, "on" as true and streams: the router
+    relays the stream as it comes, with no read timeout while it waits."""
+    from vllm_mux.router import app
+
+    monkeypatch.setattr(app, "UPSTREAM_TIMEOUT", httpx.Timeout(60, connect=10, read=0.5))
+    router = router_factory()
+    n = 10
+    body = {"model": "alpha", "prompt": "x", "stream": stream, "max_tokens": n}
+    start = time.monotonic()
+    with httpx.stream("POST", f"{router.url}/v1/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        arrivals = [time.monotonic() - start for _ in r.iter_raw()]
+    assert arrivals[-1] - arrivals[0] > (n - 3) * PAUSE, arrivals
+    # Held longer than a request's read timeout before its stream starts.
+    slow = fakes["slow"]
+    slow.gate.clear()
+    threading.Timer(1.0, slow.gate.set).start()
+    body = {"model": "slow", "prompt": "x", "stream": stream, "max_tokens": 2}
+    r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=PATIENCE_S)
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+
+
+def test_a_large_body_is_parsed_off_the_event_loop(router):
+    """Parsing 15 MiB of nested JSON takes a second or two (and the GIL, all
+    of it): meanwhile the router answers others at once."""
+    body = b'{"model": "dead", "input": [' + b"[]," * ((15 << 20) // 3) + b"[]]}"
+    answered, done = [time.monotonic()], threading.Event()
+
+    def probe():
+        # The gaps between answers: a stalled process holds up this thread
+        # too, so only the gaps tell.
+        with httpx.Client() as c:
+            while not done.is_set():
+                c.get(f"{router.url}/health")
+                answered.append(time.monotonic())
+                time.sleep(0.01)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        r = httpx.post(f"{router.url}/tokenize", content=body, headers=JSON, timeout=60)
+        assert_error(r, 503, "model_unavailable", retry_after="5")  # read, and routed
+        r = httpx.post(f"{router.url}/tokenize", content=body[:-1], headers=JSON, timeout=60)
+        assert_error(r, 400, None)  # still refused when it is no JSON
+    finally:
+        done.set()
+        prober.join()
+    gaps = [b - a for a, b in zip(answered, answered[1:])]
+    assert max(gaps) < 0.75, max(gaps)
+
+
+def send_part(router: Served, length: int, sent: bytes) -> socket.socket:
+    """A request whose body of ``length`` bytes has only ``sent`` so far."""
+    port = int(router.url.rsplit(":", 1)[1])
+    s = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE_S)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length
+    s.sendall(head + sent)
+    return s
+
+
+def answer(s: socket.socket) -> tuple[int, dict]:
+    f = s.makefile("rb")
+    status, length = int(f.readline().split()[1]), 0
+    while (line := f.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, json.loads(f.read(length))
+
+
+def test_bodies_held_at_once_are_bounded(router_factory):
+    router = router_factory(max_body=64 << 10, max_buffered=96 << 10)
+    body = json.dumps({"model": "alpha", "prompt": "x" * (60 << 10)}).encode()
+    first = send_part(router, len(body), body[:50_000])
+    try:
+        time.sleep(0.5)  # its first bytes are in
+        # Announced, or not: either way past what the router may hold now.
+        r = httpx.post(f"{router.url}/v1/completions", content=body, headers=JSON)
+        assert_error(r, 503, "server_busy", retry_after="1")
+        chunked = iter([body[:30_000], body[30_000:]])
+        r = httpx.post(f"{router.url}/v1/completions", content=chunked, headers=JSON)
+        assert_error(r, 503, "server_busy", retry_after="1")
+        first.sendall(body[50_000:])
+        assert answer(first)[0] == 200
+    finally:
+        first.close()
+    # Given back once done with: the same body goes through now.
+    r = httpx.post(f"{router.url}/v1/completions", content=body, headers=JSON)
+    assert r.status_code == 200, r.text
+
+
+def test_a_body_that_comes_too_slowly_is_a_408(router_factory, monkeypatch):
+    from vllm_mux.router import app
+
+    monkeypatch.setattr(app, "BODY_READ_S", 0.5)
+    router = router_factory()
+    s = send_part(router, 100, b'{"model": ')
+    try:
+        assert_raw_error(answer(s), 408, "request_timeout")
+    finally:
+        s.close()
+    assert_serving(router)
+
+
+def test_a_25_mb_upload_fits_the_default_limit(router, fakes):
+    audio = b"\0" * (25 * 10**6)  # OpenAI's limit, and vLLM's
+    text = client(router).audio.transcriptions.create(model="alpha", file=("a.wav", audio))
+    assert text.text == "alpha: /v1/audio/transcriptions"
+
+
+def test_a_form_part_is_named_by_its_last_content_disposition(router, fakes):
+    """As Starlette (so vLLM) names it: a part that says "model" and then
+    "file" is the file, and the model is the field before it."""
+    as_field = b'Content-Disposition: form-data; name="model"\r\n'
+    as_file = b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+    field = b"--b\r\n" + as_field + b"\r\nalpha\r\n"
+    model_then_file = b"--b\r\n" + as_field + as_file + b"\r\n"
+    file_then_model = b"--b\r\n" + as_file + as_field + b"\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    for part, model in ((model_then_file, "alpha"), (file_then_model, "beta")):
+        body = field + part + b"beta\r\n--b--\r\n"
+        r = httpx.post(f"{router.url}/v1/audio/transcriptions", content=body, headers=headers)
+        assert r.json()["model"] == model
+
+
+def test_the_routers_own_answers_are_not_sniffed_or_cached(router):
+    for r in (httpx.get(f"{router.url}/v1/models"), httpx.get(f"{router.url}/mux/status"),
+              httpx.get(f"{router.url}/health"), httpx.get(f"{router.url}/metrics"),
+              httpx.post(f"{router.url}/v1/embeddings", json={"model": "gamma"}),
+              httpx.get(f"{router.url}/nothing")):  # fmt: skip
+        assert r.headers["x-content-type-options"] == "nosniff", r.url
+        assert r.headers["cache-control"] == "no-store", r.url
+
+
+def fake_daemon(path: str, control_s: float | None):
+    """A daemon on ``path`` that answers a control after ``control_s`` seconds
+    (None: never) and refuses anything else at once; what it returns stops it."""
+    from vllm_mux.daemon import protocol
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(128)
+    conns = []
+
+    def serve(conn):
+        conns.append(conn)
+        with conn:
+            while (message := protocol.recv(conn)[0]) is not None:
+                if message["op"] not in ("sleep", "wake", "pin", "unpin"):
+                    protocol.send(conn, {"ok": False, "error": "not here"})
+                    continue
+                if control_s is None:
+                    conn.recv(1)  # until the router hangs up
+                    return
+                time.sleep(control_s)
+                protocol.send(conn, {"ok": True, "state": "awake", "changed": True, "seconds": 0})
+
+    def take():
+        while True:
+            try:
+                conn = listener.accept()[0]
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    def stop():
+        listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):  # closed already
+                conn.shutdown(socket.SHUT_RDWR)  # the router's waits end
+
+    threading.Thread(target=take, daemon=True).start()
+    return stop
+
+
+@pytest.fixture
+def silent_daemon(tmp_path):
+    """A stuck daemon: it takes a control and never answers."""
+    path = str(tmp_path / "silent.sock")
+    stop = fake_daemon(path, None)
+    yield path
+    stop()
+
+
+@pytest.mark.parametrize("control_s", [None, 2.0])
+def test_stuck_or_slow_controls_hold_up_no_poll_or_scrape(router_factory, tmp_path, control_s):
+    """More controls at once than Python's default thread pool has threads,
+    each stuck on the daemon or answered after 2 s: the ones beyond the
+    router's own few are refused at once, and the status, the metrics and
+    the model list answer meanwhile."""
+    from vllm_mux.router import controls
+
+    path = str(tmp_path / "d.sock")
+    stop = fake_daemon(path, control_s)
+    router = router_factory(daemon_socket=path)
+    n = min(32, os.cpu_count() + 4) + controls.AT_ONCE
+
+    async def main():
+        async with httpx.AsyncClient(base_url=router.url, timeout=PATIENCE_S) as http:
+            wakes = [asyncio.ensure_future(http.post("/mux/models/alpha/wake")) for _ in range(n)]
+            await asyncio.sleep(0.5)  # all in the router, the first ones waiting
+            start = time.monotonic()
+            paths = ["/v1/models", "/mux/status", "/metrics"] * 10
+            answers = await asyncio.gather(*(http.get(p) for p in paths))
+            assert {r.status_code for r in answers} == {200}
+            assert time.monotonic() - start < 1
+            assert {m["state"] for m in answers[0].json()["data"]} == {"unknown"}
+            if control_s is None:
+                return [w.cancel() for w in wakes]
+            answers = await asyncio.gather(*wakes)
+            statuses = sorted(r.status_code for r in answers)
+            assert statuses == [200] * controls.AT_ONCE + [429] * (n - controls.AT_ONCE)
+            refused = [r for r in answers if r.status_code == 429]
+            assert_error(refused[0], 429, "rate_limit_exceeded", retry_after="5")
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop()
+
+
+def test_a_daemon_that_never_answers_its_status_is_read_once_for_all(
+    router_factory, tmp_path, monkeypatch
+):
+    """Polls and scrapes at once, the daemon stuck: one read, not one each."""
+    from vllm_mux.router import app
+
+    monkeypatch.setattr(app, "DAEMON_TIMEOUT_S", 0.5)
+    path = str(tmp_path / "stuck.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(128)  # connections wait in the backlog, never answered
+    router = router_factory(daemon_socket=path)
+
+    async def main():
+        async with httpx.AsyncClient(base_url=router.url, timeout=PATIENCE_S) as http:
+            start = time.monotonic()
+            paths = ["/v1/models", "/mux/status", "/metrics"] * 20
+            answers = await asyncio.gather(*(http.get(p) for p in paths))
+            assert {r.status_code for r in answers} == {200}
+            assert time.monotonic() - start < 2  # one read of 0.5 s, not 60 in turn
+
+    try:
+        asyncio.run(main())
+    finally:
+        listener.close()
+
+
+def test_a_control_longer_than_the_routers_wait_is_a_504_not_a_daemon_gone(
+    router_factory, silent_daemon, monkeypatch
+):
+    """A daemon whose --wait-timeout is beyond the router's wait is still at
+    work when the router stops waiting: it says so."""
+    from vllm_mux.router import controls
+
+    monkeypatch.setattr(controls, "TIMEOUT_S", 0.5)
+    router = router_factory(daemon_socket=silent_daemon)
+    r = httpx.post(f"{router.url}/mux/models/alpha/wake")
+    assert "still" in assert_error(r, 504, "timeout")["message"]

@@ -18,9 +18,16 @@ wake, which may wait for other instances to sleep). What it adds:
 
 - an API key for every endpoint but ``/health`` (no OpenAPI schema or docs
   pages: they would list the endpoints to anyone);
+- no request from another site (403): a browser's cross-site request carries
+  an ``Origin`` that is not this router's, and a DNS rebinding attack a
+  ``Host`` that is not a loopback name while the router listens on loopback.
+  A JSON endpoint takes only a JSON media type (415 otherwise, as vLLM's
+  ``validate_json_request``), an audio one only multipart/form-data: the
+  types a web page can send without asking (text/plain) are refused;
 - a bound on the body's size (413 beyond ``max_body``), checked against
   Content-Length before reading and counted while reading, so a huge body is
-  refused before it is in memory;
+  refused before it is in memory; on the bytes of all bodies held at once
+  (503 beyond ``max_buffered``); and on the time a body takes to arrive (408);
 - a bound on the requests it holds per model (429 beyond ``max_queue``), so
   one model's backlog cannot take the whole port;
 - 503 with Retry-After when an instance is gone (its port refuses) or being
@@ -29,29 +36,38 @@ wake, which may wait for other instances to sleep). What it adds:
 - a client that hangs up, waiting or mid-stream, closes the upstream request,
   so that vLLM aborts it rather than generate for no one;
 - ``/v1/models`` with each model's state from the daemon, and ``/metrics``
-  (see ``vllm_mux.router.metrics`` for the table).
+  (see ``vllm_mux.router.metrics`` for the table). The daemon's status is
+  read at most once a second for all of them, on a thread of its own, so a
+  slow daemon or a control's long wait never holds up a poll or a scrape.
 
 Every error the router makes itself is in OpenAI's shape,
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``, and counted in
+``/metrics``.
 """
 
 import asyncio
+import ipaddress
 import json
 import logging
+import multiprocessing
 import secrets
 import time
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import anyio
 import httpx
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client.exposition import choose_encoder
+from pydantic import TypeAdapter, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -85,6 +101,19 @@ FORM_ROUTED = ("/v1/audio/transcriptions", "/v1/audio/translations")
 RESPONSE_ROUTES = (("GET", "/v1/responses/{response_id}"),
                    ("POST", "/v1/responses/{response_id}/cancel"))  # fmt: skip
 RESPONSE_IDS = 10_000
+# Longer ids are not remembered: vLLM's own are under 64 characters, and a
+# client's request_id could otherwise make each key megabytes.
+RESPONSE_ID_CHARS = 256
+# An id that two models answered (a client may choose its request_id, and so
+# its response's id): fetching it by id alone would pick one of them.
+AMBIGUOUS = ""
+# Endpoints that generate tokens, whose first byte is a first token: the
+# time-to-first-token histogram is theirs alone (not /invocations, which may
+# as well be an embedding).
+GENERATES = (
+    "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+    "/v1/chat/completions/batch", "/inference/v1/generate", *FORM_ROUTED,
+)  # fmt: skip
 # A response's first event echoes the request (instructions, tools): the most
 # of a stream read for its id.
 RESPONSE_HEAD_BYTES = 1 << 20
@@ -97,9 +126,26 @@ RETRY_AFTER_FULL_S = 1
 UPSTREAM_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 STREAM_TIMEOUT = httpx.Timeout(600.0, connect=10.0, read=None)
 DAEMON_TIMEOUT_S = 5.0
+# How long one read of the daemon's status serves everyone who asks for it.
+STATUS_TTL_S = 1.0
 # Far above any chat or completion request (a 128k-token prompt is under 1 MiB
-# of JSON, an image a few MiB); a limit keeps one client from filling memory.
-MAX_BODY_BYTES = 16 << 20
+# of JSON, an image a few MiB) and above OpenAI's and vLLM's 25 MB for audio;
+# a limit keeps one client from filling memory.
+MAX_BODY_BYTES = 32 << 20
+# All the bodies held at once, by default: eight of the largest.
+BUFFERED_BODIES = 8
+# A body must arrive within this: the largest (32 MiB) over a slow 2.5 Mbit/s
+# uplink takes under two minutes; a client slower than that holds its share of
+# the buffer for nothing (a slow-loris upload).
+BODY_READ_S = 120.0
+# json.loads of a body this large takes long enough (up to 0.1 s per MiB) to
+# stall every stream on the event loop. A thread would not help: json.loads
+# holds the GIL from start to end. So it is parsed in a process of its own,
+# one body at a time, where the parse's memory (often 20 times the body's)
+# stays too.
+PARSE_ON_LOOP_BYTES = 1 << 20
+# The router's own JSON answers: never sniffed as HTML, never cached.
+OWN_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +166,8 @@ _DROP_RESPONSE = {
 
 
 class ApiError(Exception):
-    """An error the router answers itself, in OpenAI's shape."""
+    """An error the router answers itself, in OpenAI's shape; counted in
+    /metrics under ``model`` ("" unless it names a served model)."""
 
     def __init__(self, status, message, type_, code=None, param=None, retry_after=None):
         super().__init__(message)
@@ -132,6 +179,7 @@ class ApiError(Exception):
             param,
         )
         self.retry_after = retry_after
+        self.model = ""
 
     def response(self) -> JSONResponse:
         body = {
@@ -143,7 +191,12 @@ class ApiError(Exception):
             }
         }
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
-        return JSONResponse(body, self.status, headers=headers)
+        return own_json(body, self.status, headers)
+
+
+def own_json(content, status: int = 200, headers: dict | None = None) -> JSONResponse:
+    """A JSON answer of the router's own (not an instance's), with OWN_HEADERS."""
+    return JSONResponse(content, status, headers={**OWN_HEADERS, **(headers or {})})
 
 
 @dataclass
@@ -167,15 +220,23 @@ def make_app(
     api_key: str | None = None,
     max_queue: int = 64,
     max_body: int = MAX_BODY_BYTES,
+    max_buffered: int | None = None,
+    bound_host: str = "127.0.0.1",
 ) -> FastAPI:
     """The router's app: ``upstreams`` maps each served model name to its vLLM
     server's base URL (``http://127.0.0.1:8001``) or to an ``Upstream`` that
     serve keeps up to date; ``daemon_socket`` is where the daemon answers for
     states and metrics (None: states are "unknown"). An empty ``api_key`` is
-    refused: it would look like protection and accept an empty bearer."""
+    refused: it would look like protection and accept an empty bearer.
+    ``max_buffered``: the bytes of all request bodies held at once
+    (BUFFERED_BODIES times ``max_body`` by default). ``bound_host``: the
+    address the server listens on; on a loopback one, only loopback names are
+    taken in ``Host`` (against DNS rebinding)."""
     if api_key == "":
         raise ValueError("the API key is empty: give a key, or none for no key")
-    router = Router(upstreams, daemon_socket, api_key, max_queue, max_body)
+    if max_buffered is None:
+        max_buffered = BUFFERED_BODIES * max_body
+    router = Router(upstreams, daemon_socket, api_key, max_queue, max_body, max_buffered)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -184,6 +245,8 @@ def make_app(
         finally:
             if router.http is not None:
                 await router.http.aclose()
+            if router.parser is not None:
+                router.parser.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="vllm-mux router", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None
@@ -191,29 +254,34 @@ def make_app(
     app.state.router = router
     auth = [Depends(router.authorize)]
 
+    app.add_middleware(_SameSite, router=router, loopback=_loopback(bound_host))
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
+        router.metrics.count(e.model, e.status)
         return e.response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         # FastAPI's own (unknown path, wrong method), in the same shape as ours.
-        return ApiError(e.status_code, str(e.detail), "invalid_request_error").response()
+        return await api_error(
+            request, ApiError(e.status_code, str(e.detail), "invalid_request_error")
+        )
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return own_json({"status": "ok"})
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
-        return await router.models()
+        return own_json(await router.models())
 
     @app.get("/metrics", dependencies=auth)
     async def metrics(request: Request):
+        await router.status()  # what the collector reads
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
-        # Collecting asks the daemon, a blocking call: not on the event loop.
-        body = await asyncio.to_thread(encode, router.metrics.registry)
-        return Response(body, headers={"Content-Type": content_type})
+        body = encode(router.metrics.registry)
+        return Response(body, headers={"Content-Type": content_type, **OWN_HEADERS})
 
     routes = [(path, "POST", router.json_route) for path in ROUTED]
     routes += [(path, "POST", router.form_route) for path in FORM_ROUTED]
@@ -229,15 +297,22 @@ def make_app(
 class Router:
     """The state one app keeps: where each model is, its requests, its metrics."""
 
-    def __init__(self, upstreams, daemon_socket, api_key, max_queue, max_body):
+    def __init__(self, upstreams, daemon_socket, api_key, max_queue, max_body, max_buffered):
         self.upstreams = {
             model: u if isinstance(u, Upstream) else Upstream(u) for model, u in upstreams.items()
         }
         self.daemon_socket, self.api_key, self.max_queue = daemon_socket, api_key, max_queue
-        self.max_body = max_body
+        self.max_body, self.max_buffered = max_body, max_buffered
+        self.buffered = 0  # bytes of request bodies held now
+        self.parser: ProcessPoolExecutor | None = None  # for large bodies, made on first use
         self.queued = dict.fromkeys(self.upstreams, 0)  # requests in the router, by model
         self.response_models: OrderedDict[str, str] = OrderedDict()  # response id: model
-        self.metrics = Metrics(self.upstreams, self.read_status, self.queued)
+        # The daemon's last status (None: it did not answer), until when it holds.
+        self.last_status: dict | None = None
+        self.status_until = 0.0
+        self.status_lock = anyio.Lock()
+        self.status_thread = anyio.CapacityLimiter(1)
+        self.metrics = Metrics(self.upstreams, lambda: self.last_status, self.queued)
         self.created = int(time.time())
         self.http: httpx.AsyncClient | None = None
 
@@ -265,9 +340,22 @@ class Router:
                 code="invalid_api_key",
             )
 
+    async def status(self) -> dict | None:
+        """The daemon's status (None: it did not answer), read at most once a
+        STATUS_TTL_S for everyone who asks at once (the page's polls, scrapes,
+        /v1/models), in a thread of its own: a daemon that is slow to answer
+        holds up one read, and a control waiting minutes for a wake none."""
+        async with self.status_lock:
+            if time.monotonic() >= self.status_until:
+                self.last_status = await anyio.to_thread.run_sync(
+                    self.read_status, limiter=self.status_thread
+                )
+                self.status_until = time.monotonic() + STATUS_TTL_S
+        return self.last_status
+
     def read_status(self) -> dict | None:
         """The daemon's status, or None if there is no daemon or it does not
-        answer. Blocking: call it from a thread."""
+        answer. Blocking: call it from a thread (``status`` does)."""
         if self.daemon_socket is None:
             return None
         try:
@@ -282,7 +370,7 @@ class Router:
             client.close()
 
     async def models(self) -> dict:
-        states = model_states(self.upstreams, await asyncio.to_thread(self.read_status))
+        states = model_states(self.upstreams, await self.status())
         data = []
         for model, upstream in self.upstreams.items():
             entry = {
@@ -309,53 +397,77 @@ class Router:
 
     async def forward(self, request: Request, route) -> Response:
         started = time.perf_counter()
+        generates = request.scope["route"].path in GENERATES
         model = ""  # until the request names a served model
+        request.state.buffered = 0  # bytes of its body counted in self.buffered
         try:
             headers = _headers_on(request)
             model, path, stream, body, content_type = await route(request)
             if content_type is not None:
                 headers["content-type"] = content_type
             self._check_running(model)
-            work = self._forward(model, request.method, path, body, stream, headers, started)
+            work = self._forward(
+                model, request.method, path, body, stream, headers, started if generates else None
+            )
             response = await _unless_client_leaves(request, work)
         except ApiError as e:
-            self.metrics.count(model, e.status)
+            e.model = model
             raise
         except Exception:
             # A bug of ours: still an answer in OpenAI's shape, and counted.
             log.exception("the router failed on a request for model %r", model)
-            self.metrics.count(model, 500)
-            raise ApiError(500, "The router failed on this request.", "server_error") from None
+            e = ApiError(500, "The router failed on this request.", "server_error")
+            e.model = model
+            raise e from None
+        finally:
+            self.buffered -= request.state.buffered  # sent on, or refused: not held
         self.metrics.count(model, response.status_code)
         return response
 
     async def json_route(self, request: Request):
         """(model, upstream path, stream?, body, Content-Type) of a request
-        whose JSON body names its model."""
+        whose JSON body names its model. ``stream`` as vLLM's request models
+        (pydantic, lax) read it, for the upstream request's timeout."""
+        _require_type(request, _is_json, "a JSON media type (application/json)")
         body = await self._body(request)
         try:
-            payload = json.loads(body)
+            if len(body) > PARSE_ON_LOOP_BYTES:
+                top = await self._parse_aside(body)
+            else:
+                top = _top_level(body)
         except (ValueError, RecursionError):  # RecursionError: nested too deeply
             raise ApiError(
                 400, "The request body is not valid JSON.", "invalid_request_error"
             ) from None
-        if not isinstance(payload, dict):
+        if top is None:
             raise ApiError(400, "The request body is not a JSON object.", "invalid_request_error")
-        model = self._served(payload.get("model"))
-        # vLLM's endpoints take JSON only, and the body parsed as JSON.
+        model = self._served(top[0])
+        # vLLM takes application/json alone (a +json type is JSON as well).
         path = request.scope["route"].path
-        return model, path, payload.get("stream") is True, body, "application/json"
+        return model, path, top[1], body, "application/json"
+
+    async def _parse_aside(self, body: bytes):
+        """``_top_level(body)`` in the parse process (started on first use;
+        started again if it died, say killed for memory)."""
+        if self.parser is None:
+            self.parser = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.parser, _top_level, body)
+        except BrokenProcessPool:
+            self.parser = None
+            raise
 
     async def form_route(self, request: Request):
         """The same for a multipart/form-data request (audio): the model is a
         form field; the body goes on as it came, with its own Content-Type
         (and boundary)."""
-        content_type = request.headers.get("content-type", "")
+        _require_type(request, lambda kind: kind == "multipart/form-data", "multipart/form-data")
+        content_type = request.headers["content-type"]
         body = await self._body(request)
         fields = _form_fields(content_type, body, ("model", "stream"))
         model = self._served(fields.get("model"))
         path = request.scope["route"].path
-        return model, path, _true(fields.get("stream", "")), body, content_type
+        return model, path, _lax_true(fields.get("stream")), body, content_type
 
     async def response_route(self, request: Request):
         """The same for a stored response fetched or cancelled by id: the
@@ -369,41 +481,78 @@ class Router:
                 "invalid_request_error",
                 param="response_id",
             )
+        if model == AMBIGUOUS:
+            raise ApiError(
+                409,
+                f"Responses of more than one model have the id '{response_id}' (a request_id "
+                "chosen twice): it cannot be fetched or cancelled by id alone.",
+                "invalid_request_error",
+                code="ambiguous_response_id",
+                param="response_id",
+            )
         path = "/v1/responses/" + quote(response_id, safe="")
         if request.url.path.endswith("/cancel"):
             path += "/cancel"
         if request.url.query:
             path += "?" + request.url.query
-        return model, path, _true(request.query_params.get("stream", "")), b"", None
+        return model, path, _lax_true(request.query_params.get("stream")), b"", None
 
     def remember_response(self, model: str, response_id) -> None:
-        """Keep which model answered ``response_id``, for the last RESPONSE_IDS."""
-        if isinstance(response_id, str) and response_id:
-            self.response_models[response_id] = model
+        """Keep which model answered ``response_id``, for the last RESPONSE_IDS.
+        An id another model answered too is never given to either: it becomes
+        AMBIGUOUS (a client could otherwise take over another's id)."""
+        if isinstance(response_id, str) and 0 < len(response_id) <= RESPONSE_ID_CHARS:
+            known = self.response_models.get(response_id, model)
+            self.response_models[response_id] = model if known == model else AMBIGUOUS
             self.response_models.move_to_end(response_id)
             while len(self.response_models) > RESPONSE_IDS:
                 self.response_models.popitem(last=False)
 
     async def _body(self, request: Request) -> bytes:
-        """The body, refused (413) past ``max_body`` before it is all in memory."""
+        """The body, refused past ``max_body`` (413), or past ``max_buffered``
+        with the bodies held now (503), before it is all in memory; and if it
+        has not all come in BODY_READ_S (408). What it holds is counted in
+        ``self.buffered`` until ``forward`` is done with it."""
         too_large = ApiError(
             413,
             f"The request body is larger than {self.max_body} bytes.",
             "invalid_request_error",
             code="request_too_large",
         )
+        full = ApiError(
+            503,
+            "The router holds as many request bodies as it may; retry later.",
+            "server_error",
+            code="server_busy",
+            retry_after=RETRY_AFTER_FULL_S,
+        )
         length = request.headers.get("content-length")
-        if length is not None and int(length) > self.max_body:  # the server checked it is a number
-            raise too_large
+        if length is not None:  # the server checked it is a number
+            if int(length) > self.max_body:
+                raise too_large
+            if self.buffered + int(length) > self.max_buffered:
+                raise full
         chunks, size = [], 0
         try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > self.max_body:
-                    raise too_large
-                chunks.append(chunk)
+            with anyio.fail_after(BODY_READ_S):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise too_large
+                    if self.buffered + len(chunk) > self.max_buffered:
+                        raise full
+                    self.buffered += len(chunk)
+                    request.state.buffered += len(chunk)
+                    chunks.append(chunk)
         except ClientDisconnect:
             raise ApiError(499, "The client hung up.", "invalid_request_error") from None
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"The request body did not arrive within {BODY_READ_S:g} s.",
+                "invalid_request_error",
+                code="request_timeout",
+            ) from None
         return b"".join(chunks)
 
     def _check_running(self, model: str) -> None:
@@ -447,6 +596,8 @@ class Router:
         return model
 
     async def _forward(self, model, method, path, body, stream, headers, started) -> Response:
+        """``started``: the request's arrival (``time.perf_counter()``) for the
+        time to first token, None for an endpoint that generates no tokens."""
         if self.queued[model] >= self.max_queue:
             raise ApiError(
                 429,
@@ -461,13 +612,16 @@ class Router:
         creates_response = (method, path) == ("POST", "/v1/responses")
         try:
             upstream = await self._send(model, method, path, body, stream, headers)
-            if stream and upstream.is_success:
+            # An event stream, whatever the request said (vLLM reads "stream"
+            # more loosely than anyone could guess): relayed as it comes.
+            media_type = upstream.headers.get("content-type", "").partition(";")[0]
+            if upstream.is_success and media_type.strip().lower() == "text/event-stream":
                 handed_over = True  # the relay frees the place when the stream ends
                 return _Relay(self, model, upstream, started, creates_response)
             try:
                 chunks = []
                 async for chunk in upstream.aiter_bytes():
-                    if not chunks and upstream.is_success:
+                    if not chunks and upstream.is_success and started is not None:
                         self.metrics.first_byte(model, started)
                     chunks.append(chunk)
             except httpx.HTTPError as e:
@@ -523,9 +677,9 @@ class _Relay(StreamingResponse):
     the request's place in the model's queue is freed.
     """
 
-    def __init__(self, router, model, upstream: httpx.Response, started: float, creates_response):
-        """``creates_response``: a new response's stream, whose id the router
-        remembers from the first event."""
+    def __init__(self, router, model, upstream: httpx.Response, started, creates_response):
+        """``started``: as for ``Router._forward``; ``creates_response``: a new
+        response's stream, whose id the router remembers from the first event."""
         self.router, self.model, self.upstream = router, model, upstream
         self.creates_response = creates_response
         super().__init__(
@@ -535,8 +689,8 @@ class _Relay(StreamingResponse):
             media_type="text/event-stream",
         )
 
-    async def _chunks(self, started: float):
-        first = True
+    async def _chunks(self, started: float | None):
+        first = started is not None
         head = b"" if self.creates_response else None  # until the first event is whole
         try:
             async for chunk in self.upstream.aiter_bytes():
@@ -610,9 +764,106 @@ def _headers_back(upstream: httpx.Response) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
 
 
-def _true(value: str) -> bool:
-    """A bool in a form or a query, read as vLLM's request models (pydantic) read it."""
-    return value.strip().lower() in ("1", "true", "t", "yes", "y", "on")
+_BOOL = TypeAdapter(bool)
+
+
+def _top_level(body: bytes) -> tuple | None:
+    """(model, stream?) of a JSON body, None if it is not a JSON object: all
+    the router needs of it, small to send back from the parse process."""
+    payload = json.loads(body)
+    if not isinstance(payload, dict):
+        return None
+    model = payload.get("model")
+    return model if isinstance(model, str) else None, _lax_true(payload.get("stream"))
+
+
+def _lax_true(value) -> bool:
+    """True where vLLM's request models (pydantic, lax) read ``value`` as true:
+    true, 1, 1.0, "true", "1", "yes", "on" and the like, in JSON, a form or a query."""
+    try:
+        return _BOOL.validate_python(value)
+    except ValidationError:
+        return False
+
+
+def _is_json(kind: str) -> bool:
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
+def _require_type(request: Request, accepts, name: str) -> None:
+    """415 unless the request's media type is one ``accepts`` (a lower-case
+    type/subtype, no parameters)."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if not accepts(kind):
+        raise ApiError(
+            415,
+            f"Unsupported media type {kind or '(none)'!r}: this endpoint takes {name}.",
+            "invalid_request_error",
+            code="unsupported_media_type",
+        )
+
+
+class _SameSite:
+    """Refuses (403) a request that another site made a browser send.
+
+    Without a key (serve's default on loopback) any web page the user visits
+    could otherwise drive the router: a cross-site request comes with the
+    page's ``Origin``, which is not this router's; a DNS-rebinding page's
+    comes as same-origin, but under its own name in ``Host``, where a router
+    listening on loopback is only ever reached as localhost or by address.
+    ``/health`` answers any ``Host`` (probes use names of their own)."""
+
+    def __init__(self, app, router, loopback: bool):
+        self.app, self.router, self.loopback = app, router, loopback
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (why := self._foreign(scope)):
+            self.router.metrics.count("", 403)
+            error = ApiError(403, why, "invalid_request_error", code="forbidden")
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _foreign(self, scope) -> str | None:
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        if self.loopback and host and scope["path"] != "/health" and not _loopback(_name(host)):
+            return f"The Host {host!r} is not a loopback name, and this router listens on loopback."
+        origin = headers.get("origin")
+        mine = _origin(f"{scope['scheme']}://{host}")
+        if origin is not None and (mine is None or _origin(origin) != mine):
+            return f"Requests from another origin ({origin!r}) are refused."
+        return None
+
+
+def _name(host: str) -> str | None:
+    """The name in a ``Host`` header (``[::1]:8000`` is ``::1``)."""
+    try:
+        return urlsplit("//" + host).hostname
+    except ValueError:
+        return None
+
+
+def _loopback(name: str | None) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name or "").is_loopback
+    except ValueError:
+        return False
+
+
+def _origin(url: str) -> tuple | None:
+    """(scheme, host, port) of an origin or URL; None if it is not one."""
+    try:
+        u = urlsplit(url)
+        scheme = u.scheme.lower()
+        port = u.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        return None
+    return (scheme, u.hostname, port) if scheme and u.hostname else None
 
 
 def _response_id(answer: bytes, stream: bool):
@@ -632,7 +883,8 @@ def _response_id(answer: bytes, stream: bool):
 def _form_fields(content_type: str, body: bytes, names: tuple[str, ...]) -> dict[str, str]:
     """The text fields ``names`` of a multipart/form-data ``body``, each the
     last of its name as FastAPI reads a form (vLLM reads it so). Parsed with
-    the parser Starlette uses, so the router reads the form as vLLM will;
+    the parser Starlette uses, and a part named as Starlette names it (by its
+    last Content-Disposition), so the router reads the form as vLLM will;
     files are skipped, never stored: the body is already in memory, within
     ``max_body``, and nothing else is kept."""
     kind, options = parse_options_header(content_type)
@@ -644,6 +896,7 @@ def _form_fields(content_type: str, body: bytes, names: tuple[str, ...]) -> dict
         )
     fields: dict[str, bytearray] = {}
     header = [b"", b""]  # the part's header being read: name, value
+    disposition = b""  # the part's last Content-Disposition
     part: bytearray | None = None  # the wanted field being read
 
     def on_header_field(data, start, end):
@@ -653,17 +906,21 @@ def _form_fields(content_type: str, body: bytes, names: tuple[str, ...]) -> dict
         header[1] += data[start:end]
 
     def on_header_end():
-        nonlocal part
+        nonlocal disposition
         if header[0].lower() == b"content-disposition":
-            _, params = parse_options_header(header[1])
-            name = params.get(b"name", b"").decode("latin-1")
-            if name in names and b"filename" not in params:
-                part = fields[name] = bytearray()
+            disposition = header[1]
         header[:] = [b"", b""]
 
-    def on_part_begin():
+    def on_headers_finished():
         nonlocal part
-        part = None
+        _, params = parse_options_header(disposition)
+        name = params.get(b"name", b"").decode("latin-1")
+        if name in names and b"filename" not in params:
+            part = fields[name] = bytearray()
+
+    def on_part_begin():
+        nonlocal part, disposition
+        part, disposition = None, b""
 
     def on_part_data(data, start, end):
         if part is not None:
@@ -674,6 +931,7 @@ def _form_fields(content_type: str, body: bytes, names: tuple[str, ...]) -> dict
         "on_header_field": on_header_field,
         "on_header_value": on_header_value,
         "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
         "on_part_data": on_part_data,
     }
     try:

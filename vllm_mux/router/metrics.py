@@ -33,7 +33,8 @@ from prometheus_client.core import (
 
 # (name as scraped, type, labels, meaning): the table the README shows.
 METRICS = [
-    ("vllm_mux:daemon_up", "gauge", "", "1 if the daemon answered this scrape, else 0"),
+    ("vllm_mux:daemon_up", "gauge", "", "1 if the daemon answered (its status is read at most "
+     "once a second), else 0"),
     ("vllm_mux:model_state", "gauge", "model, state",
      "1 for the model's current state, 0 for the others (starting, awake, sleeping, asleep, "
      "waking, disconnected, restarting, failed, unknown); \"starting\": not registered with "
@@ -59,7 +60,8 @@ METRICS = [
      "requests in the router for that model now (waiting for or streaming from the instance)"),
     ("vllm_mux:time_to_first_token_seconds", "histogram", "model",
      "from the request reaching the router to the first byte of a successful answer's body, "
-     "streamed or not (for embeddings, scores, tokens: the whole answer): includes any wake"),
+     "streamed or not, for the endpoints that generate tokens (chat, completions, responses, "
+     "messages, batched chat, generate, audio): includes any wake"),
 ]  # fmt: skip
 
 STATES = (
@@ -104,7 +106,8 @@ class Metrics:
     """One app's metrics, in a registry of its own (never the global one)."""
 
     def __init__(self, upstreams, read_status: Callable[[], dict | None], queued: dict[str, int]):
-        """``upstreams``: each model's ``Upstream``, read at scrape time."""
+        """``upstreams``: each model's ``Upstream``, read at scrape time;
+        ``read_status``: the daemon's status as last read (not blocking)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "vllm_mux:requests",
@@ -130,7 +133,7 @@ class Metrics:
 
 
 class _DaemonCollector:
-    """Reads the daemon at scrape time (a blocking call: scrape from a thread)."""
+    """Reads the daemon's status at scrape time (the router's, at most a second old)."""
 
     def __init__(self, upstreams: dict, read_status, queued: dict[str, int]):
         self.upstreams, self.read_status, self.queued = upstreams, read_status, queued

@@ -18,7 +18,6 @@ sleeper whose bytes a free chunk still holds, or 0), the host copies, the
 instances (to colour a chunk by its holder's model) and one row per model.
 """
 
-import asyncio
 import time
 from importlib.resources import files
 
@@ -37,26 +36,33 @@ ASSETS = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "
 
 
 def routes(router) -> APIRouter:
+    from vllm_mux.router.app import own_json  # app imports this module
+
     ui = files(__package__) / "ui"
     body = {name: (ui / name).read_bytes() for name in ASSETS}
     api = APIRouter()
 
     def asset(name: str):
-        headers = {"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
+        headers = {
+            "Content-Security-Policy": CSP,
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+        }
 
         async def serve() -> Response:
             return Response(body[name], media_type=ASSETS[name], headers=headers)
 
         return serve
 
+    # HEAD too: what a monitor or a link checker asks of a page.
     for path in ("/", "/ui"):
-        api.add_api_route(path, asset("index.html"), methods=["GET"])
+        api.add_api_route(path, asset("index.html"), methods=["GET", "HEAD"])
     for name in ("app.js", "style.css"):
-        api.add_api_route(f"/ui/{name}", asset(name), methods=["GET"])
+        api.add_api_route(f"/ui/{name}", asset(name), methods=["GET", "HEAD"])
 
     @api.get("/mux/status", dependencies=[Depends(router.authorize)])
     async def status():
-        return view(router, await asyncio.to_thread(router.read_status))
+        return own_json(view(router, await router.status()))
 
     return api
 
