@@ -312,6 +312,7 @@ def serve(config: Config, socket_path: str, log_dir: str | None = None) -> int:
             daemon_socket=socket_path,
             api_key=config.api_key,
             max_body=max_body,
+            bound_host=config.host,  # on loopback, only loopback Host names (DNS rebinding)
         )
         print(f"vllm-mux: serving {len(running)} models on http://{config.host}:{config.port}")
         sys.stdout.flush()
