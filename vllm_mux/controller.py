@@ -14,8 +14,11 @@ that sees the requests:
   requests wake it again once the daemon can grant memory;
 - a user asks, through the daemon (``vllm-mux sleep|wake|pin|unpin``): the
   controller answers at once and does the work on its loop; the daemon
-  follows the outcome in the books and in ``report``, whose failure counts
-  tell it that a wake or a sleep it asked for failed.
+  follows the outcome in ``report``: the state, the counts of wakes and
+  sleeps done and failed, and ``asked``, the daemon's asks still to be done
+  (one of each at most: an ask while one is pending is not queued again);
+- a pin calls off a sleep that has not reached the engine yet (an idle one,
+  or one the daemon asked for): from the pin on, the model stays awake.
 
 It knows asyncio, the daemon's socket and an engine's ``sleep``/``wake_up``
 coroutines, not vLLM. If the daemon goes away (a crash, an upgrade) the
@@ -99,7 +102,13 @@ class Controller:
         # for a wake all run in the turn it begins, even if the daemon asks the
         # instance to sleep at once: ``owed`` of them are not admitted yet.
         self.turn = self.owed = 0
-        self.failed_wakes = self.failed_sleeps = 0
+        self.wakes = self.sleeps = self.failed_wakes = self.failed_sleeps = 0
+        # The daemon's asks ("wake", "sleep") scheduled on the loop and not done:
+        # one of each at most, so that asking again never queues a second wake.
+        self._asked: dict = {}
+        # A pin, and a sleep's last look at it before the engine is told: one at
+        # a time (the pin comes on the daemon's thread, the sleep on the loop).
+        self._gate = threading.Lock()
         self.last_error = ""  # why the last wake or sleep failed, for whoever asked
         self.last_active = time.time()
         self.changed = asyncio.Condition()
@@ -156,9 +165,13 @@ class Controller:
         """Run an engine transition in a task of its own: a request that
         started it may be cancelled (its client left), the transition must
         still finish and leave the state true."""
+        return asyncio.shield(self._task(coroutine))
+
+    def _task(self, coroutine) -> asyncio.Task:
+        """A task whose failure nobody need retrieve: its coroutine records it."""
         task = self.loop.create_task(coroutine)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
-        return asyncio.shield(task)
+        return task
 
     async def wake(self) -> None:
         """Wake now (the caller has set state to 'waking')."""
@@ -172,6 +185,7 @@ class Controller:
             if not error:
                 self.turn += 1
                 self.owed = self.waiting  # every one arrived before this wake
+            self.wakes += error is None
             self.failed_wakes += error is not None
             self.last_error = str(error)[:500] if error else self.last_error
             self.last_active = time.time()
@@ -182,21 +196,32 @@ class Controller:
 
     # -- sleeping --
 
-    async def sleep(self, drain: bool = True, **upstream_kwargs) -> bool:
+    async def sleep(
+        self, drain: bool = True, unless_pinned: bool = False, **upstream_kwargs
+    ) -> bool:
         """Sleep once nothing is in flight (or at once, ``drain=False``, as
-        upstream's ``/sleep`` does). False if already asleep or sleeping."""
+        upstream's ``/sleep`` does). False if already asleep or sleeping, or,
+        ``unless_pinned`` (the mux's own sleeps: idle, or asked by the
+        daemon), if a pin came before the engine was told."""
         async with self.changed:
             if self.state != "awake" or self.draining:
                 return False
             self.draining = True
             try:
                 if drain:  # what it admitted, and what waited for its last wake
-                    await self.changed.wait_for(lambda: self.in_flight == self.owed == 0)
+                    await self.changed.wait_for(
+                        lambda: (unless_pinned and self.pinned) or self.in_flight == self.owed == 0
+                    )
             except BaseException:  # cancelled while draining: serve again
                 self.draining = False
                 self.changed.notify_all()
                 raise
-            self.state = "sleeping"
+            with self._gate:
+                if unless_pinned and self.pinned:  # called off: serve again
+                    self.draining = False
+                    self.changed.notify_all()
+                    return False
+                self.state = "sleeping"  # from here on a pin finds it going to sleep
         return await self._unowned(self._enter_sleep(upstream_kwargs))
 
     async def _enter_sleep(self, upstream_kwargs: dict) -> bool:
@@ -210,13 +235,18 @@ class Controller:
             with contextlib.suppress(Exception):
                 await self._wake_up()
             error = e
-        state = "awake" if error else "asleep"
         async with self.changed:
-            self.state, self.draining = state, False
+            self.state, self.draining = "awake" if error else "asleep", False
+            self.sleeps += error is None
             self.failed_sleeps += error is not None
             self.last_error = str(error)[:500] if error else self.last_error
+            if not error and self.waiting:
+                # Requests waited through the drain: wake again now, in the same
+                # step, so that whoever looks next sees it waking, not asleep.
+                self.state = "waking"
+                self._task(self.wake())
             self.changed.notify_all()
-        return state == "asleep"
+        return error is None
 
     async def wake_up(self) -> None:
         """An explicit wake (upstream's ``/wake_up``)."""
@@ -237,7 +267,7 @@ class Controller:
             busy = self.in_flight or self.waiting
             if idle and not self.pinned and self.state == "awake" and not busy:
                 log.info("idle for %.0f s: sleeping", self.idle_ttl)
-                await self.sleep()
+                await self.sleep(unless_pinned=True)
 
     # -- the daemon --
 
@@ -249,9 +279,12 @@ class Controller:
             "in_flight": self.in_flight,
             "waiting": self.waiting,
             "last_active": self.last_active,
+            "wakes": self.wakes,
+            "sleeps": self.sleeps,
             "failed_wakes": self.failed_wakes,
             "failed_sleeps": self.failed_sleeps,
             "last_error": self.last_error,
+            "asked": sorted(op for op, done in self._asked.items() if not done.done()),
         }
 
     def _hello(self, client: Client) -> None:
@@ -294,18 +327,22 @@ class Controller:
             op = message.get("op")
             if op == "report":
                 reply = self.report()
-            elif op == "sleep" and not self.pinned and self.state == "awake":
-                # "ok" tells the daemon this instance's memory is coming back.
-                if not self.draining:
-                    asyncio.run_coroutine_threadsafe(self.sleep(), self.loop)
-                reply = {"ok": True}
-            elif op == "wake":
-                # The daemon watches the books for the wake, and failed_wakes.
-                asyncio.run_coroutine_threadsafe(self.wake_up(), self.loop)
+            elif op == "sleep" and (self.pinned or self.state != "awake"):
+                why = "pinned" if self.pinned else "not_awake"
+                reply = {"ok": False, "error": f"not asleep: {why}", "code": why}
+            elif op in ("sleep", "wake"):
+                # "ok" to a sleep tells the daemon this instance's memory is
+                # coming back; it follows the outcome in report.
+                self._ask(op)
                 reply = {"ok": True}
             elif op in ("pin", "unpin"):
-                self.pinned = op == "pin"  # the daemon's books follow once we answer
-                reply = {"ok": True}
+                with self._gate:  # the daemon's books follow once we answer
+                    self.pinned = op == "pin"
+                    state, draining = self.state, self.draining
+                if self.pinned and draining and state == "awake":
+                    draining = False  # its drain ends in a call-off: tell it now
+                    asyncio.run_coroutine_threadsafe(self._notify(), self.loop)
+                reply = {"ok": True, "state": state, "draining": draining}
             elif op == "drop_host" and self._drop_host and self.state == "asleep":
                 # The worker tells the daemon when it has let the copy go, or
                 # wakes first (then the daemon keeps the copy).
@@ -317,6 +354,20 @@ class Controller:
                 protocol.send(sock, {**reply, "seq": message.get("seq")})
             except OSError:
                 return
+
+    def _ask(self, op: str) -> None:
+        """Do the daemon's "sleep" or "wake" on the loop, unless one asked
+        before is still to be done: a loop busy for a while must not pile up
+        wakes that run one after another, each a wait for memory, long after
+        the first one failed."""
+        pending = self._asked.get(op)
+        if pending is None or pending.done():
+            work = self.sleep(unless_pinned=True) if op == "sleep" else self.wake_up()
+            self._asked[op] = asyncio.run_coroutine_threadsafe(work, self.loop)
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
 
     def _daemon_lost(self, error: DaemonError) -> None:
         log.critical(

@@ -192,12 +192,15 @@ class Client:
         return self.call("status")[0]
 
     # A user's controls over a model by its name. sleep and wake block until
-    # it is asleep or awake (a wake may wait for others to sleep: up to the
-    # daemon's --wait-timeout), so give the client a timeout beyond that.
+    # it is asleep or awake: a wake may wait for others to sleep (up to the
+    # daemon's --wait-timeout), then for its copy or reload, a sleep for its
+    # requests in flight (each up to the daemon's SETTLE_S): the daemon bounds
+    # the wait. pin and unpin answer within its ASK_TIMEOUT.
 
     def sleep(self, model: str) -> dict:
         """Put ``model`` to sleep once its requests in flight finish: the reply
-        says its ``state``, whether it ``changed`` and the ``seconds`` it took."""
+        says its ``state``, whether it ``changed`` and the ``seconds`` it took;
+        ``woke_for``, if requests woke it straight back: how many it serves."""
         return self.call("sleep", model=model)[0]
 
     def wake(self, model: str) -> dict:
@@ -207,7 +210,8 @@ class Client:
     def pin(self, model: str) -> dict:
         """Pin ``model``: never asked to sleep for another model, never asleep
         when idle. The reply says ``pinned``, whether it ``changed``, and the
-        ``state``, which a pin leaves as it is."""
+        ``state``, which a pin leaves as it is: "sleeping" if a sleep had
+        reached the engine already (one that had not is called off)."""
         return self.call("pin", model=model)[0]
 
     def unpin(self, model: str) -> dict:
@@ -268,7 +272,14 @@ def reconnect(socket_path: str, hello, seconds: float) -> Client:
 
 def outcome(op: str, name: str, reply: dict) -> str:
     """A control's reply (sleep, wake, pin, unpin) in one line, for people."""
+    name = name if name.isprintable() else repr(name)
     state, already = reply["state"], "" if reply["changed"] else " already"
+    if op == "pin" and state == "sleeping":
+        return (
+            f"{name} is pinned{already}, but was going to sleep already (the engine had been "
+            f"told): it sleeps now; once a request or `vllm-mux wake {name}` wakes it, it stays "
+            "awake"
+        )
     if op == "pin":
         return (
             f"{name} is pinned{already}; it is {state} (a pin changes no state): never asked to "
@@ -283,4 +294,9 @@ def outcome(op: str, name: str, reply: dict) -> str:
     if not reply["changed"]:
         return f"{name} is {state} already"
     verb = "slept" if op == "sleep" else "woke"
+    if "woke_for" in reply:
+        return (
+            f"{name} slept in {reply['seconds']:.2f} s, but requests waited for it and woke it "
+            f"again: it is {state}, serving {reply['woke_for']}"
+        )
     return f"{name} is {state} ({verb} in {reply['seconds']:.2f} s)"

@@ -59,6 +59,11 @@ log = logging.getLogger("vllm_mux.daemon")
 
 HELLO_TIMEOUT = 30.0  # seconds a new connection has to send its first message
 ASK_TIMEOUT = 5.0  # seconds a controller has to answer one question
+# Seconds a control by hand waits for the engine's own part of a transition:
+# a wake's copy or cold reload once its memory is granted (minutes for a large
+# model from disk), a sleep's drain of long streams and its offload. The wait
+# for memory has its own bound, --wait-timeout.
+SETTLE_S = 1800.0
 FD_MARGIN = 1024  # fds beyond one per chunk: connections, pidfds and the rest
 
 STATES = ("starting", "awake", "sleeping", "asleep", "waking")
@@ -109,15 +114,32 @@ class Instance:
     sleep_latency: dict = field(default_factory=_latency)
     awake_since: float = 0.0  # when it last woke: its turn on the device began
     wait_since: float | None = None  # when the lease it waits for was asked
+    refusal: "Refused | None" = None  # why its last lease was refused, if it was
 
 
 class Refused(ValueError):
-    """A user's control refused; ``code`` names why, for the reply (the
-    router answers each with its own HTTP status)."""
+    """A user's control (or a lease) refused; ``code`` names why, for the
+    reply (the router answers each with its own HTTP status)."""
 
     def __init__(self, message: str, code: str):
         super().__init__(message)
         self.code = code
+
+
+class _Hand:
+    """A control by hand under way for one instance: others for it wait on it."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.done = threading.Event()
+        self.reply: dict | None = None
+        self.refused: Refused | None = None
+
+    def outcome(self) -> dict:
+        """The leader's reply, or its refusal raised anew (for this thread)."""
+        if self.refused is not None:
+            raise Refused(str(self.refused), self.refused.code)
+        return self.reply
 
 
 class Controller:
@@ -139,10 +161,16 @@ class Controller:
         self.seq = 0
 
     def ask(self, op: str) -> dict | None:
-        """The controller's reply, or None if it is gone, mute or wrong. Each
-        question carries a number: a late answer to an earlier one is skipped,
-        not taken for this one's. The whole exchange has ``timeout`` seconds,
-        however many answers come: callers wait on it, some holding up leases."""
+        """The controller's reply if it says ok, else None."""
+        reply = self.exchange(op)
+        return reply if reply and reply.get("ok") else None
+
+    def exchange(self, op: str) -> dict | None:
+        """The controller's reply, ok or not, or None if it is gone, mute or
+        wrong. Each question carries a number: a late answer to an earlier one
+        is skipped, not taken for this one's. The whole exchange has
+        ``timeout`` seconds, however many answers come: callers wait on it,
+        some holding up leases."""
         with self.lock:
             self.seq += 1
             deadline = time.monotonic() + self.timeout
@@ -160,7 +188,7 @@ class Controller:
                         break
             except (OSError, protocol.ProtocolError):
                 return None
-        return reply if reply and reply.get("ok") else None
+        return reply
 
     def close(self) -> None:
         with self.lock:  # never under a question in flight; later ones fail
@@ -216,6 +244,7 @@ class Daemon:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # chunks freed, waiters moved
         self.waiters: list[int] = []  # instance ids waiting for a lease, first come first
+        self._hands: dict[int, _Hand] = {}  # instance id -> the control by hand under way
         self._next_id = 1
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
@@ -646,11 +675,13 @@ class Daemon:
     def _control(self, op: str, name) -> dict:
         """``{"op": "sleep"|"wake"|"pin"|"unpin", "model": NAME}`` from any
         client of this user. Replies: sleep and wake ``{"ok", "model",
-        "state", "changed", "seconds"}`` once the books say it is asleep or
-        awake (``changed`` false: it was already); pin and unpin ``{"ok",
-        "model", "pinned", "changed", "state"}`` at once. A refusal is
-        ``{"ok": false, "error", "code"}``, the code one of model_not_found,
-        not_running, ambiguous, pinned, failed, timeout."""
+        "state", "changed", "seconds"}`` once its controller has slept or woken
+        (``changed`` false: it was already), and a sleep that requests woke
+        straight back says so, ``woke_for``: how many it serves now; pin and
+        unpin ``{"ok", "model", "pinned", "changed", "state"}`` at once, the
+        state its controller's. A refusal is ``{"ok": false,
+        "error", "code"}``, the code one of model_not_found, not_running,
+        ambiguous, pinned, failed, timeout."""
         inst = self._running(name)
         if op in ("pin", "unpin"):
             return self._pin(inst, op == "pin")
@@ -667,86 +698,139 @@ class Daemon:
         if not mine:
             raise Refused(
                 f"no model {name!r:.300} on this daemon; it knows "
-                f"{', '.join(known) if known else 'none (no instance has registered)'}",
+                f"{', '.join(map(shown, known)) if known else 'none (no instance has registered)'}",
                 "model_not_found",
             )
         if not live:
-            inst = mine[0]
-            why = (
-                "its instance is disconnected"
-                if not inst.connected
-                else "its instance is starting"
-                if inst.state == "starting"
-                else "its API server has not joined the daemon yet"
+            why = "; ".join(f"pid {i.pid}: {_not_running(i)}" for i in mine)
+            why = _not_running(mine[0]) if len(mine) == 1 else why
+            raise Refused(
+                f"{shown(name)} is not running ({why}); try again once it serves", "not_running"
             )
-            raise Refused(f"{name} is not running ({why}); try again once it serves", "not_running")
         if len(live) > 1:
             raise Refused(
-                f"{len(live)} instances serve {name} (pids "
+                f"{len(live)} instances serve {shown(name)} (pids "
                 f"{', '.join(str(i.pid) for i in live)}): give them names of their own",
                 "ambiguous",
             )
         return live[0]
 
     def _pin(self, inst: Instance, pinned: bool) -> dict:
-        """The controller's flag first (it refuses the daemon's "sleep" and
-        skips its idle sleep by it), then the books'. The state stays as it is."""
-        if inst.controller.ask("pin" if pinned else "unpin") is None:
+        """The controller's flag first (it refuses the daemon's "sleep", skips
+        its idle sleep by it, and calls off a sleep the engine has not been
+        told of), then the books'. The state stays as it is; the reply gives
+        the controller's, which may be "sleeping": a pin that came too late."""
+        op = "pin" if pinned else "unpin"
+        reply = inst.controller.exchange(op)
+        if reply is None:
             raise Refused(f"{inst.model}'s API server did not answer; try again", "not_running")
+        if not reply.get("ok"):
+            raise Refused(_other_version(inst.model, op), "not_running")
         with self.lock:
             changed = inst.controller.pinned != pinned
             inst.controller.pinned = pinned
-            return self._ok(model=inst.model, pinned=pinned, changed=changed, state=inst.state)
+            return self._ok(
+                model=inst.model,
+                pinned=pinned,
+                changed=changed,
+                state=reply.get("state", inst.state),
+            )
 
     def _transition(self, inst: Instance, op: str) -> dict:
+        """A sleep or wake by hand. One at a time per instance does the
+        asking: another of the same op waits for its reply and gets it; one of
+        the other op waits for its end, then goes (a sleep asked during a wake
+        follows the wake)."""
+        while True:
+            with self.lock:
+                hand = self._hands.get(inst.id)
+                if hand is None:
+                    hand = self._hands[inst.id] = _Hand(op)
+                    break
+            hand.done.wait()
+            if hand.op == op:
+                return hand.outcome()
+        try:
+            hand.reply = self._lead(inst, op)
+            return hand.reply
+        except Refused as e:
+            hand.refused = e
+            raise
+        finally:
+            with self.lock:
+                del self._hands[inst.id]
+            hand.done.set()
+
+    def _lead(self, inst: Instance, op: str) -> dict:
         """Ask the instance's controller to sleep (its requests in flight
         finish first) or to wake (waiting, like a request's wake, for others
-        to sleep), and wait until the books count one more sleep or wake of
-        it, or its controller's report counts one more failure: counts, not
-        states, which may come and go between two looks. Asked again whenever
-        it rests in the other state: it may have been waking or draining when
-        first asked, or a request woke it meanwhile. Waits up to
-        ``wait_timeout`` (a wake's wait for memory) and ``ask_timeout`` more."""
+        to sleep), and wait until its report counts one more sleep or wake, or
+        one more failure: counts, not states, which may come and go between
+        two looks. Asked again only once its report shows the last ask done
+        (``asked``) and it rests in the other state: it may have been waking
+        or draining when asked, or a request woke it meanwhile.
+
+        Each stretch of the wait has its bound: waiting for memory, or for
+        the controller to act, ``wait_timeout`` and ``ask_timeout`` more; the
+        engine's own work (a drain, an offload, a wake's copy or reload once
+        it holds its memory) SETTLE_S."""
         goal, other, count, failures = {
             "sleep": ("asleep", "awake", "sleeps", "failed_sleeps"),
             "wake": ("awake", "asleep", "wakes", "failed_wakes"),
         }[op]
-        name, start = inst.model, time.monotonic()
-        if op == "sleep" and inst.controller.pinned:
-            raise Refused(f"{name} is pinned: `vllm-mux unpin {name}` first", "pinned")
-        with self.lock:
-            if inst.state == goal:
-                return self._ok(model=name, state=goal, changed=False, seconds=0.0)
-            done = getattr(inst, count)
+        name, start = shown(inst.model), time.monotonic()
         report = self._report(inst)
-        failed = report[failures]
+        if report["state"] == goal and not (op == "wake" and report["draining"]):
+            return self._ok(model=name, state=goal, changed=False, seconds=0.0)
+        done, failed = report[count], report[failures]
+        stretch, since = None, start
         while True:
-            if report["state"] == other and not report["draining"]:
-                inst.controller.ask(op)
+            seconds = time.monotonic() - start
+            if report[count] > done:
+                reply = self._ok(model=name, state=report["state"], changed=True, seconds=seconds)
+                if op == "sleep" and report["state"] != "asleep":
+                    reply["woke_for"] = report["waiting"] + report["in_flight"]
+                return reply
+            if report[failures] > failed:
+                refusal = inst.refusal if op == "wake" else None
+                if refusal is not None:  # its lease was refused: say why
+                    raise Refused(f"{name} cannot wake: {refusal}", refusal.code)
+                error = report["last_error"] or "see its server's log"
+                raise Refused(f"{name} failed to {op}: {error}", "failed")
+            under_way = report["draining"] or report["state"] == "sleeping"
+            asked = op in report["asked"]
+            if op == "sleep" and inst.controller.pinned and not (under_way or asked):
+                raise Refused(f"{name} is pinned: `vllm-mux unpin {name}` first", "pinned")
+            if not asked and report["state"] == other and not report["draining"]:
+                answer = inst.controller.exchange(op)
+                if answer is None:
+                    raise Refused(f"{name}'s API server did not answer; try again", "not_running")
+                if answer.get("code") == "pinned":
+                    raise Refused(f"{name} is pinned: `vllm-mux unpin {name}` first", "pinned")
             with self.lock:
-                seconds = time.monotonic() - start
-                if getattr(inst, count) > done:
-                    return self._ok(model=name, state=inst.state, changed=True, seconds=seconds)
-                if seconds > self.wait_timeout + self.ask_timeout:
+                holds = bool(self.pool.held_by(inst.id))
+                now = (report["state"], under_way, holds)
+                if now != stretch:
+                    stretch, since = now, time.monotonic()
+                engine = under_way or (report["state"] == "waking" and holds)
+                bound = SETTLE_S if engine else self.wait_timeout + self.ask_timeout
+                if time.monotonic() - since > bound:
                     raise Refused(
-                        f"{name} is not {goal} after {seconds:.0f} s (it is {inst.state}); it "
-                        "may still get there: see `vllm-mux status`",
+                        f"{name} is not {goal} after {seconds:.0f} s (it is {report['state']}); "
+                        "it may still get there: see `vllm-mux status`",
                         "timeout",
                     )
                 self.changed.wait(0.25)
             report = self._report(inst)
-            if report[failures] > failed:
-                error = report["last_error"] or "see its server's log"
-                raise Refused(f"{name} failed to {op}: {error}", "failed")
 
     def _report(self, inst: Instance) -> dict:
         report = inst.controller.ask("report")
-        if report is None or not isinstance(report.get("failed_wakes"), int):
+        if report is None:
             raise Refused(
-                f"{inst.model}'s API server does not answer (or is of another version); see "
-                "`vllm-mux status`",
-                "not_running",
+                f"{inst.model}'s API server does not answer; see `vllm-mux status`", "not_running"
             )
+        if not isinstance(report.get("asked"), list):
+            raise Refused(_other_version(inst.model, "report"), "not_running")
         return report
 
     # -- the host tier --
@@ -993,9 +1077,16 @@ class Daemon:
         starting (it holds chunks but has no controller yet, so nobody can ask
         it to sleep) may take free chunks ahead of the queue, since the queue
         may be waiting for it.
+
+        Refused at once (code pinned), and whenever a pin comes while it
+        waits, if the chunks could not come free even were every instance
+        that may be asked to sleep asleep: pinned ones hold the rest. Waiting
+        would only hold up every lease behind it. A starting or disconnected
+        instance counts as one that may give its chunks back.
         """
         deadline = time.monotonic() + self.wait_timeout
         with self.lock:
+            me.refusal = None
             self.pool.check(n)
             mine = len(self.pool.held_by(me.id))
             if n > self.pool.total - mine:
@@ -1005,6 +1096,7 @@ class Daemon:
                     "instance asleep; start the daemon with a larger --device-memory or give "
                     "the model less memory"
                 )
+            self._refuse_if_pinned(me, n)
             self.waiters.append(me.id)
             me.wait_since = time.time()
         try:
@@ -1023,6 +1115,7 @@ class Daemon:
                             )
                         me.last_active = time.time()
                         return ids, sorted(intact)
+                    self._refuse_if_pinned(me, n)  # a pin may have come meanwhile
                     if _exited(me.pidfd):  # killed mid-wake: stop holding up the queue
                         raise PoolError("the instance exited while waiting for its lease")
                     if time.monotonic() > deadline:
@@ -1040,6 +1133,26 @@ class Daemon:
                 self.waiters.remove(me.id)
                 me.wait_since = None
                 self.changed.notify_all()
+
+    def _refuse_if_pinned(self, me: Instance, n: int) -> None:
+        """Refuse ``me``'s lease of ``n`` chunks if pinned instances hold so
+        many that the rest could never give ``n`` (under the lock)."""
+        pins = [
+            (i.model, len(self.pool.held_by(i.id)))
+            for i in self.instances.values()
+            if i is not me and i.controller and i.controller.pinned and self.pool.held_by(i.id)
+        ]
+        mine = len(self.pool.held_by(me.id))
+        if n <= self.pool.total - mine - sum(k for _, k in pins):
+            return
+        holders = ", ".join(f"{shown(model)} ({k})" for model, k in pins)
+        me.refusal = Refused(
+            f"{n} chunks cannot come free while pinned models hold them: {len(self.pool.free)} "
+            f"of {self.pool.total} are free, and pinned {holders} hold the rest; unpin one "
+            "(`vllm-mux unpin NAME`) and try again",
+            "pinned",
+        )
+        raise me.refusal
 
     def _view(self, inst: Instance, report: dict | None = None) -> policies.View:
         """What the policy sees of an instance (under the lock): the books' facts,
@@ -1233,6 +1346,30 @@ class Daemon:
                 ],
                 instances=instances,
             )
+
+
+def shown(name: str) -> str:
+    """A model's name for a message of one line: as it is if printable, else
+    quoted with its control characters escaped; cut at MAX_NAME."""
+    name = name if name.isprintable() else repr(name)
+    return name[: protocol.MAX_NAME] + ("..." if len(name) > protocol.MAX_NAME else "")
+
+
+def _not_running(inst: Instance) -> str:
+    """Why an instance takes no control."""
+    if not inst.connected:
+        return "its instance is disconnected"
+    if inst.state == "starting":
+        return "its instance is starting"
+    return "its API server has not joined the daemon yet"
+
+
+def _other_version(model: str, op: str) -> str:
+    return (
+        f"{shown(model)}'s API server does not know {op!r} as this daemon does: it runs "
+        "another version of vllm-mux; restart it (`vllm-mux serve` restarts a server that "
+        "exits) or run the daemon of its version"
+    )
 
 
 def _same_file(a: int, b: int) -> bool:
