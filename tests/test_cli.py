@@ -68,6 +68,13 @@ def one_line(done: subprocess.CompletedProcess, says: str, code: int) -> None:
         (["--device-memory", "1GiB", "--chunk-size", "big"], "argument --chunk-size: not a size"),
         (["--device", "cuda:first", "--device-memory", "1GiB"], "unknown device 'cuda:first'"),
         ([], "the following arguments are required: --device-memory"),
+        (["--device-memory", "9" * 400], "9" * 40 + "... is more than 1 PiB, more memory than"),
+        (["--device-memory", "2048TiB"], "2048TiB is more than 1 PiB"),
+        (["--device", "cpu:3", "--device-memory", "1GiB"], "'cpu:3': the cpu device is one"),
+        *(
+            (["--device-memory", "1GiB", "--wait-timeout", t], "not a number of seconds above 0")
+            for t in ("0", "-1", "nan", "inf", "soon")
+        ),
     ],
 )
 def test_daemon_mistakes_are_one_line(args, says, tmp_path):
@@ -85,6 +92,8 @@ def test_daemon_mistakes_are_one_line(args, says, tmp_path):
         (["--port", "99999"], "port must be 1 to 65535, not 99999"),
         (["--max-body", "huge"], "max_body must be a size"),
         (["--model", "smollm2"], "--model takes NAME=SOURCE, not 'smollm2'"),
+        (["--model", "a\x1bb=smollm2"], "--model name 'a\\x1bb' has a control character"),
+        (["--device-memory", "9" * 400], "device_memory: " + "9" * 40 + "... is more than 1 PiB"),
     ],
 )
 def test_serve_mistakes_are_one_line_before_anything_starts(args, says, tmp_path):
@@ -158,3 +167,76 @@ def test_a_second_daemon_on_a_socket_in_use_is_one_line(tmp_path):
         assert "choose another --socket" in done.stderr
     finally:
         daemon.stop()
+
+
+@pytest.fixture
+def mute(tmp_path):
+    """A socket that takes connections and never answers: the path, and a
+    list of the connections it took."""
+    import os
+    import threading
+
+    path = str(tmp_path / "mute.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen()
+    taken = []
+
+    def take():
+        while True:
+            try:
+                taken.append(listener.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=take, daemon=True).start()
+    yield path, taken
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+    for conn in taken:
+        conn.close()
+
+
+@pytest.mark.parametrize("args", [["ps"], ["status", "--json"], ["pin", "a"]])
+def test_ctrl_c_while_the_daemon_does_not_answer_is_one_line(args, mute):
+    import signal
+
+    from test_controller import wait_for
+
+    from conftest import PATIENCE_S
+
+    path, taken = mute
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "vllm_mux.cli", *args, "--socket", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_for(lambda: taken and taken[0].recv(1 << 16), PATIENCE_S)  # it asked
+    cli.send_signal(signal.SIGINT)
+    out, err = cli.communicate(timeout=PATIENCE_S)
+    assert cli.returncode == 130 and not out
+    assert err.count("\n") == 1 and err.startswith("vllm-mux: interrupted"), err
+
+
+def test_a_pin_the_daemon_does_not_answer_gives_up_in_one_line(mute, monkeypatch, capsys):
+    from vllm_mux import cli
+    from vllm_mux.daemon import server
+
+    monkeypatch.setattr(server, "ASK_TIMEOUT", 0.1)
+    assert cli.main(["pin", "a", "--socket", mute[0]]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "timed out" in err and "Traceback" not in err
+
+
+def test_ps_shows_a_name_with_a_control_character_on_its_one_row(tmp_path):
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 2, 1 << 20)
+    try:
+        daemon.client().hello("a\nb", key="k")
+        done = mux("ps", "--socket", daemon.path)
+    finally:
+        daemon.stop()
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.splitlines()
+    assert len(rows) == 4 and "'a\\nb'" in rows[3], rows

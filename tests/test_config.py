@@ -72,6 +72,14 @@ def test_a_valid_file_loads():
         ("host_memory: 8G!\nmodels:\n  - {name: a, source: x}\n", 1, "host_memory must be"),
         ("device: tpu\nmodels:\n  - {name: a, source: x}\n", 1, "unknown device 'tpu'"),
         ("port: 0\nmodels:\n  - {name: a, source: x}\n", 1, "port must be 1 to 65535, not 0"),
+        ("device_memory: 2048\nmodels:\n  - {name: a, source: x}\n", 1, "write 2048MiB or 2048GiB"),
+        (f"device_memory: '{'9' * 400}'\nmodels:\n  - {{name: a, source: x}}\n", 1, "than 1 PiB"),
+        ("device: 'cpu:3'\nmodels:\n  - {name: a, source: x}\n", 1, "the cpu device is one"),
+        ("models:\n  - {name: '', source: x}\n", 2, "models[].name is empty"),
+        ('models:\n  - {name: "a\\nb", source: x}\n', 2, "'a\\nb' has a control character"),
+        (f"models:\n  - {{name: {'a' * 257}, source: x}}\n", 2, "at most 256 characters, not 257"),
+        ("models:\n  - {name: a, source: x, idle_ttl: .inf}\n", 2, "idle_ttl is a number of"),
+        ("models:\n  - {name: a, source: x, idle_ttl: -1}\n", 2, "0 (never idle) or more"),
     ],
 )
 def test_an_invalid_file_names_line_and_reason(text, line, reason):

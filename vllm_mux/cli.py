@@ -1,17 +1,22 @@
 """The ``vllm-mux`` command: daemon, serve, status (ps), sleep, wake, pin, unpin, model, bench.
 
 Every mistake a user can make on it is answered in one line that says what
-to do, never a traceback nor argparse's usage dump."""
+to do, never a traceback nor argparse's usage dump. Exit codes: 0 done; 1 it
+could not be done (no daemon answers, the daemon refused a control, a server
+or the daemon serve started failed); 2 the command, an argument or the config
+is wrong, and nothing was started; 130 interrupted (Ctrl-C)."""
 
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import signal
 import sys
 import threading
 import time
+from decimal import Decimal
 
 from vllm_mux.bench import gpu, pages, soak, tiers
 from vllm_mux.daemon import default_socket
@@ -19,6 +24,9 @@ from vllm_mux.daemon import policy as policies
 from vllm_mux.memory import default_chunk_size
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# The largest size taken: beyond any device's or host's memory, far below
+# where arithmetic on it could overflow. A bigger one is a typo.
+MAX_SIZE = 1 << 50  # 1 PiB
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,12 +36,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
+class TooBig(argparse.ArgumentTypeError):
+    """A size beyond MAX_SIZE."""
+
+
 def parse_size(text: str) -> int:
-    """'8GiB', '512M', '1.5g' or a plain number of bytes (binary units)."""
+    """'8GiB', '512M', '1.5g' or a plain number of bytes (binary units), up
+    to MAX_SIZE."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
     if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 8GiB or 512MiB)")
-    return int(float(m[1]) * _UNITS[m[2]])
+        raise argparse.ArgumentTypeError(f"not a size: {text!r:.80} (try 8GiB or 512MiB)")
+    n = Decimal(m[1]) * _UNITS[m[2]]
+    if n > MAX_SIZE:
+        shown = text.strip() if len(text.strip()) <= 40 else f"{text.strip()[:40]}..."
+        raise TooBig(
+            f"{shown} is more than 1 PiB, more memory than any machine has: check the number "
+            "and its unit (8GiB, 512MiB)"
+        )
+    return int(n)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"not a number of seconds above 0: {text!r:.80}")
+    return seconds
 
 
 def _daemon(args) -> int:
@@ -129,6 +160,8 @@ def _status(args) -> int:
         f"host: {_gib(status['host_budget'])} for copies of weights, {_gib(status['host_used'])} "
         f"in {len(copies)} (shared by {sum(len(c['users']) for c in copies)} instances)"
     )
+    from vllm_mux.daemon.protocol import shown
+
     header = ("ID", "PID", "MODEL", "STATE", "CHUNKS", "RESIDENT", "MEMORY", "PRIVATE", "RUN")
     row = "{:>3}  {:>7}  {:<20} {:<12} {:>6} {:>8} {:>10} {:>10} {:>4} {:>4} {:>6}  {:<16} {}"
     print(row.format(*header, "WAIT", "WAKES", "LAST WAKE", "LAST ACTIVE"))
@@ -145,7 +178,7 @@ def _status(args) -> int:
             row.format(
                 i["id"],
                 i["pid"],
-                i["model"],
+                shown(i["model"]),
                 state,
                 i["chunks"],
                 i.get("resident_chunks", 0) if i["state"] == "asleep" else "-",
@@ -162,16 +195,24 @@ def _status(args) -> int:
 
 
 def _control(args) -> int:
-    """sleep, wake, pin or unpin a model by name: one line of outcome. No
-    timeout of our own: the daemon bounds the wait (a wake may wait for
-    others to sleep, up to its --wait-timeout)."""
+    """sleep, wake, pin or unpin a model by name: one line of outcome. A
+    sleep or a wake has no timeout of our own: the daemon bounds each stretch
+    of the wait (see server.py's _lead). A pin or an unpin is one question
+    to the model's API server: the daemon answers within a few of its
+    ASK_TIMEOUT (a question may wait for those in flight)."""
     from vllm_mux.daemon.client import outcome
+    from vllm_mux.daemon.protocol import shown
+    from vllm_mux.daemon.server import ASK_TIMEOUT
 
     name, op = args.name, args.command
+    timeout = 3 * ASK_TIMEOUT if op in ("pin", "unpin") else None
     try:
-        reply = _ask(args.socket, lambda client: getattr(client, op)(name), timeout=None)
+        reply = _ask(args.socket, lambda client: getattr(client, op)(name), timeout=timeout)
     except KeyboardInterrupt:
-        print(f"vllm-mux: interrupted; the daemon sees the {op} of {name} through", file=sys.stderr)
+        print(
+            f"vllm-mux: interrupted; the daemon sees the {op} of {shown(name)} through",
+            file=sys.stderr,
+        )
         return 130
     if reply is None:
         return 1
@@ -196,7 +237,7 @@ def _model_path(args) -> int:
 
 
 def _serve(args) -> int:
-    from vllm_mux.config import ConfigError, Model, load
+    from vllm_mux.config import ConfigError, Model, load, name_problem
     from vllm_mux.serve import default_config, serve
 
     try:
@@ -210,6 +251,9 @@ def _serve(args) -> int:
             name, sep, source = spec.partition("=")
             if not sep or not name or not source:
                 print(f"vllm-mux: --model takes NAME=SOURCE, not {spec!r}", file=sys.stderr)
+                return 2
+            if reason := name_problem(name):
+                print(f"vllm-mux: --model {reason.removeprefix('models[].')}", file=sys.stderr)
                 return 2
             config.models.append(Model(name, source))
     keys = ("device", "device_memory", "chunk_size", "host_memory", "host", "port", "api_key")
@@ -255,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--wait-timeout",
-        type=float,
+        type=_seconds,
         default=120.0,
         help="seconds a lease waits for other instances to sleep before it fails (default 120)",
     )
@@ -283,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("VLLM_MUX_API_KEY"),
         help="default: $VLLM_MUX_API_KEY (a key on the command line shows in ps)",
     )
-    p.add_argument("--max-body", help="the largest request body the router takes (32MiB: a 25 MB audio file fits)")
+    p.add_argument(
+        "--max-body",
+        help="the largest request body the router takes (32MiB: a 25 MB audio file fits)",
+    )
     p.add_argument("--policy", choices=policies.POLICIES, help="the daemon's --policy")
     p.add_argument("--socket", default=default_socket())
     p.add_argument("--log-dir", help="where each process logs (default: a temporary folder)")
@@ -344,7 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     bp.set_defaults(run=tiers.run)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # daemon and serve stop on SIGINT by their own handlers
+        print("vllm-mux: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -24,20 +24,27 @@ In the spirit of llama-swap's single file::
 ``preload: false`` starts a model asleep: serve puts it to sleep as soon as
 its server is ready, again after each restart, and starts such models
 before the others, so that those it preloads find the memory free. Its
-first request then wakes it, from the host copy its start made.
+first request then wakes it: from the host copy its start made if the host
+budget (``host_memory``) had room for it, else cold, reloading its weights
+from its files.
 ``pinned`` and ``vllm-mux pin`` both keep a model from being asked to
 sleep; a pin by hand lasts while its server runs: a server serve restarts
 takes the file's ``pinned`` again.
 
-An invalid file is refused at start with its line and the reason.
+An invalid file is refused at start with its line and the reason. Sizes
+take a unit (2GiB, 512MiB); a model's name is what clients send as
+``model``: not empty, printable, at most 256 characters (the daemon's limit).
 """
 
+import math
 import re
+from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 
 import yaml
 
 from vllm_mux.daemon.policy import DEFAULT, KNOBS, POLICIES, knobs_from
+from vllm_mux.daemon.protocol import MAX_NAME
 
 
 class ConfigError(ValueError):
@@ -72,9 +79,10 @@ class Config:
     policy: str = DEFAULT
 
 
-_TOP = {"device": str, "device_memory": str, "chunk_size": str, "host": str, "port": int}
-_TOP |= {"host_memory": str}
-_TOP |= {"api_key": str, "max_body": str, "policy": str, "models": list}
+# Sizes may be ints in YAML (device_memory: 2048) only to be told to take a unit.
+_TOP = {"device": str, "device_memory": (str, int), "chunk_size": (str, int), "host": str}
+_TOP |= {"port": int, "host_memory": (str, int)}
+_TOP |= {"api_key": str, "max_body": (str, int), "policy": str, "models": list}
 _MODEL = {"name": str, "source": str, "args": (list, dict), "idle_ttl": (int, float)}
 _MODEL |= {"pinned": bool, "preload": bool, "cpu_cores": str}
 _MODEL |= {"quantum_s": (int, float), "linger_s": (int, float), "max_wait_s": (int, float)}
@@ -126,8 +134,16 @@ def parse(text: str, path: str = "<config>") -> Config:
         for required in ("name", "source"):
             if required not in entry:
                 fail(node, f"a model needs {required}")
+        if reason := name_problem(entry["name"]):
+            fail(fields["name"][1], reason)
         if entry["name"] in seen:
             fail(fields["name"][1], f"model name {entry['name']!r} is used twice")
+        if "idle_ttl" in entry and not 0 <= entry["idle_ttl"] < math.inf:
+            fail(
+                fields["idle_ttl"][1],
+                f"models[].idle_ttl is a number of seconds, 0 (never idle) or more, not "
+                f"{entry['idle_ttl']!r}",
+            )
         if "cpu_cores" in entry and not CPU_CORES.fullmatch(entry["cpu_cores"]):
             fail(
                 fields["cpu_cores"][1],
@@ -167,16 +183,29 @@ def problem(key: str, value) -> str | None:
     """Why ``value`` will not do for the top-level ``key`` (one of the sizes,
     the device, the port), or None: checked before anything starts, whether
     it came from the file or the command line (``--device-memory`` ...)."""
+    from vllm_mux.cli import TooBig, parse_size
     from vllm_mux.memory import BACKENDS
 
+    if key in SIZES and type(value) is int:
+        return (
+            f"{key} takes a unit: write {value}MiB or {value}GiB, not the bare number {value} "
+            f"(or '{value}' in quotes for bytes)"
+        )
     if key in SIZES:
-        n = size(value)
+        try:
+            n = parse_size(value)
+        except TooBig as e:
+            return f"{key}: {e}"
+        except ArgumentTypeError:
+            n = None
         if n is None or (n == 0 and key != "host_memory"):
             return f"{key} must be a size like 2GiB or 512MiB, not {value!r}"
     if key == "device":
         kind, colon, index = value.partition(":")
         if kind not in BACKENDS or (colon and not index.isdigit()):
             return f"unknown device {value!r}; known: {', '.join(BACKENDS)} (cuda:N for GPU N)"
+        if kind == "cpu" and colon and int(index) != 0:
+            return f"device {value!r}: the cpu device is one, cpu (or cpu:0); cuda:N names GPU N"
     if key == "port" and not 0 < value < 65536:
         return f"port must be 1 to 65535, not {value}"
     if key == "policy" and value not in POLICIES:
@@ -186,14 +215,25 @@ def problem(key: str, value) -> str | None:
 
 def size(text: str) -> int | None:
     """'16MiB', '512K' or a number of bytes; None if it is not a size."""
-    from argparse import ArgumentTypeError
-
     from vllm_mux.cli import parse_size
 
     try:
         return parse_size(text)
     except ArgumentTypeError:
         return None
+
+
+def name_problem(name: str) -> str | None:
+    """Why a model's name will not do, or None: the daemon takes at most
+    MAX_NAME characters, and a control character would break the one line
+    that each message and each row of `vllm-mux ps` is."""
+    if not name:
+        return "models[].name is empty: give the name clients send as model"
+    if len(name) > MAX_NAME:
+        return f"models[].name is at most {MAX_NAME} characters, not {len(name)}"
+    if not name.isprintable():
+        return f"models[].name {name!r:.80} has a control character: names are printable"
+    return None
 
 
 def _check(nodes: dict, data: dict, schema: dict, prefix: str, fail, parent) -> None:

@@ -272,7 +272,7 @@ def reconnect(socket_path: str, hello, seconds: float) -> Client:
 
 def outcome(op: str, name: str, reply: dict) -> str:
     """A control's reply (sleep, wake, pin, unpin) in one line, for people."""
-    name = name if name.isprintable() else repr(name)
+    name = protocol.shown(name)
     state, already = reply["state"], "" if reply["changed"] else " already"
     if op == "pin" and state == "sleeping":
         return (

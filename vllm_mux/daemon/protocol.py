@@ -83,6 +83,13 @@ def peer(sock: socket.socket) -> tuple[int, int]:
     return pid, uid
 
 
+def shown(name: str) -> str:
+    """A model's name for a message of one line: as it is if printable, else
+    quoted with its control characters escaped; cut at MAX_NAME."""
+    name = name if name.isprintable() else repr(name)
+    return name[:MAX_NAME] + ("..." if len(name) > MAX_NAME else "")
+
+
 def close_fds(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)

@@ -53,6 +53,7 @@ from vllm_mux.daemon import fallback_dir, make_fallback_dir, protocol
 from vllm_mux.daemon import policy as policies
 from vllm_mux.daemon.host import HostBooks, HostError, default_budget
 from vllm_mux.daemon.pool import Pool, PoolError
+from vllm_mux.daemon.protocol import shown
 from vllm_mux.memory import host as host_memory
 
 log = logging.getLogger("vllm_mux.daemon")
@@ -1346,13 +1347,6 @@ class Daemon:
                 ],
                 instances=instances,
             )
-
-
-def shown(name: str) -> str:
-    """A model's name for a message of one line: as it is if printable, else
-    quoted with its control characters escaped; cut at MAX_NAME."""
-    name = name if name.isprintable() else repr(name)
-    return name[: protocol.MAX_NAME] + ("..." if len(name) > protocol.MAX_NAME else "")
 
 
 def _not_running(inst: Instance) -> str:
