@@ -321,10 +321,10 @@ def test_a_pinned_model_refuses_a_sleep_by_hand_and_is_never_asked_for_another(p
         with pytest.raises(DaemonError, match=r"a is pinned: `vllm-mux unpin a` first") as e:
             await asyncio.to_thread(control, pool, "sleep", "a")
         assert e.value.code == "pinned"
-        # b's wake waits 2 s for memory nobody may free: it fails, and says why.
-        with pytest.raises(DaemonError, match=r"b failed to wake: .*waited 2 s") as e:
+        # b's wake needs memory only a pinned model holds: refused at once, saying why.
+        with pytest.raises(DaemonError, match=r"b cannot wake: 3 chunks .*pinned a \(3\)") as e:
             await asyncio.to_thread(control, pool, "wake", "b")
-        assert e.value.code == "failed"
+        assert e.value.code == "pinned"
         assert (books(pool, "a")["state"], books(pool, "b")["state"]) == ("awake", "asleep")
         reply = await asyncio.to_thread(control, pool, "unpin", "a")
         assert (reply["pinned"], reply["changed"]) == (False, True)
@@ -337,8 +337,9 @@ def test_a_pinned_model_refuses_a_sleep_by_hand_and_is_never_asked_for_another(p
 def test_an_unpin_at_run_time_lets_the_idle_sleep_happen(pool):
     async def main():
         join(pool, "a", 2, pinned=True, idle_ttl=0.1)
-        await asyncio.sleep(0.5)  # idle five times over: pinned, it stays awake
-        assert books(pool, "a")["state"] == "awake"
+        join(pool, "c", 2, idle_ttl=0.1)  # its twin, unpinned: the idle checks ran once it sleeps
+        assert await asyncio.to_thread(wait_for, lambda: books(pool, "c")["state"] == "asleep")
+        assert books(pool, "a")["state"] == "awake"  # idle as long, but pinned
         await asyncio.to_thread(control, pool, "unpin", "a")
         assert await asyncio.to_thread(wait_for, lambda: books(pool, "a")["state"] == "asleep")
 
@@ -423,25 +424,38 @@ def test_the_routers_mux_endpoints_need_the_key_and_answer_in_openais_shape(pool
 
 
 def test_ctrl_c_on_a_wake_by_hand_is_one_line_and_the_wake_goes_on(tmp_path):
-    """The wake waits for memory a pinned model holds; the user gives up
-    waiting, then unpins that model: the wake goes through all the same."""
+    """The wake waits for memory a starting instance holds (nobody can ask it
+    to sleep); the user gives up waiting; the holder lets the memory go: the
+    wake goes through all the same."""
     daemon = LiveDaemon(str(tmp_path / "d.sock"), 4, 1 << 20, wait_timeout=60)
     path = daemon.path
 
     async def main():
         join(path, "b", 3)
         await asyncio.to_thread(control, path, "sleep", "b")
-        join(path, "a", 3, pinned=True)
+        holder = Client(path)
+        holder.hello("holder", key="holder")  # no controller: still starting
+        ids, fds = holder.lease(3)
         argv = [sys.executable, "-m", "vllm_mux.cli", "wake", "b", "--socket", path]
-        cli = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # As from a terminal: a run in the background (CI under nohup) inherits
+        # SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
+        cli = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         assert await asyncio.to_thread(wait_for, lambda: books(path, "b")["state"] == "waking")
         cli.send_signal(signal.SIGINT)
         out, err = await asyncio.to_thread(cli.communicate, timeout=60)
         assert cli.returncode == 130 and not out
         assert err == "vllm-mux: interrupted; the daemon sees the wake of b through\n"
-        await asyncio.to_thread(control, path, "unpin", "a")
+        holder.release(ids)
+        for fd in fds:
+            os.close(fd)
         assert await asyncio.to_thread(wait_for, lambda: books(path, "b")["state"] == "awake")
-        assert books(path, "a")["state"] == "asleep"
+        holder.close()
 
     try:
         asyncio.run(main())

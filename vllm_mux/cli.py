@@ -18,7 +18,7 @@ import threading
 import time
 from decimal import Decimal
 
-from vllm_mux.bench import gpu, pages, soak, tiers
+from vllm_mux.bench import gpu, pages, simulate, soak, tiers, trace
 from vllm_mux.daemon import default_socket
 from vllm_mux.daemon import policy as policies
 from vllm_mux.memory import default_chunk_size
@@ -389,6 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     tiers.add_arguments(bp)
     bp.set_defaults(run=tiers.run)
+    bp = bsub.add_parser(
+        "trace", help="a multi-model trace through serve, once per policy: goodput, TTFT, switches"
+    )
+    trace.add_arguments(bp)
+    bp.set_defaults(run=trace.run)
+    bp = bsub.add_parser(
+        "simulate",
+        help="a fleet of devices shared by many models, simulated on the daemon's policy; "
+        "--validate against a bench trace run",
+    )
+    simulate.add_arguments(bp)
+    bp.set_defaults(run=simulate.run)
 
     args = parser.parse_args(argv)
     try:

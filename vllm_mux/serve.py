@@ -210,11 +210,18 @@ class Keeper:
         try:
             client = Client(self.socket_path, timeout=None)  # the daemon bounds the wait
             try:
-                client.sleep(name)
+                reply = client.sleep(name)
             finally:
                 client.close()
         except DaemonError as e:
             print(f"vllm-mux: could not put {name} to sleep (preload: false): {e}", flush=True)
+            return
+        if reply.get("state") != "asleep":  # requests came while it drained, and woke it
+            print(
+                f"vllm-mux: {name} slept (preload: false) and woke again at once for "
+                f"{reply.get('woke_for', 0)} requests that were waiting",
+                flush=True,
+            )
             return
         print(
             f"vllm-mux: {name} started asleep (preload: false): its first request wakes it",

@@ -119,7 +119,10 @@ class Decision:
 def _short(need: int, free: int, instances: Sequence[View]) -> int:
     """Chunks still missing once those of instances already on their way to
     sleep come back."""
-    coming = sum(v.chunks for v in instances if v.state == "sleeping" or v.draining)
+    # A pinned one's drain may yet be called off by its pin: not counted.
+    coming = sum(
+        v.chunks for v in instances if v.state == "sleeping" or (v.draining and not v.pinned)
+    )
     return need - free - coming
 
 

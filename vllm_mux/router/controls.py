@@ -18,7 +18,9 @@ from fastapi import APIRouter, Depends
 from vllm_mux.daemon.client import Client, DaemonError, Disconnected, Unreachable, outcome
 
 OPS = ("sleep", "wake", "pin", "unpin")
-TIMEOUT_S = 600.0  # beyond any --wait-timeout anyone sets: the daemon answers first
+# Beyond the daemon's own bounds (its --wait-timeout for memory, then SETTLE_S,
+# 30 minutes, for a drain or a wake's copy or reload): the daemon answers first.
+TIMEOUT_S = 2100.0
 AT_ONCE = 8  # controls waiting on the daemon at once
 RETRY_AFTER_S = 5
 # The daemon's refusal codes (daemon/server.py) as HTTP statuses, OpenAI types
