@@ -715,18 +715,3 @@ def _print_validation(rows: dict) -> None:
         for key, v in figures.items():
             print(f"{policy:<20}  {key:<18}  {v['measured']:>10.3f}  {v['simulated']:>10.3f}  "
                   f"{v['error']:>8.1%}")  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vllm_mux.bench.simulate``: the same as ``vllm-mux bench simulate``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="vllm-mux bench simulate", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

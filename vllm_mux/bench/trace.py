@@ -496,18 +496,3 @@ class Serve:
                 self.proc.wait()
         self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m vllm_mux.bench.trace``: the same as ``vllm-mux bench trace``."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="vllm-mux bench trace", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
