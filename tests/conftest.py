@@ -82,7 +82,7 @@ class LiveDaemon:
         wait_timeout: float = 0.5,
         backend=None,
         host_memory: int | None = None,
-        policy: str = "batched",
+        policy: str = "switch-per-request",
     ):
         self.path = path
         # A lease that does not fit waits for holders to sleep; where nobody

@@ -278,9 +278,9 @@ def test_wake_and_sleep_latencies_are_kept_as_histograms(pool):
 
 
 def test_batched_a_busy_holder_keeps_the_device_for_its_quantum(tmp_path):
-    """Under batched (the default) a holder that just woke and has work is not
+    """Under batched a holder that just woke and has work is not
     asked to sleep before its quantum ends; then it is."""
-    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=30)
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=30, policy="batched")
     try:
         busy = FakeInstance(daemon.path, "busy", in_flight=1, knobs={"quantum_s": 1.5})
         busy.lease(8)
@@ -300,7 +300,7 @@ def test_batched_a_busy_holder_keeps_the_device_for_its_quantum(tmp_path):
 
 def test_batched_a_request_past_its_wait_bound_takes_the_device(tmp_path):
     """A waiter's max_wait_s overrides the holder's quantum: no model starves."""
-    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=30)
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=30, policy="batched")
     try:
         busy = FakeInstance(daemon.path, "busy", in_flight=1, knobs={"quantum_s": 600})
         busy.lease(8)
@@ -335,5 +335,50 @@ def test_bad_knobs_at_hello_are_refused(tmp_path):
             reply, _ = protocol.recv(control)
             assert not reply["ok"] and "bad knobs" in reply["error"] and says in reply["error"]
             control.close()
+    finally:
+        daemon.stop()
+
+
+def test_a_pinned_holder_already_sleeping_or_gone_does_not_refuse_a_lease(tmp_path):
+    """Its chunks are coming back (sleeping) or will once its process is gone
+    (disconnected): a lease waits for them rather than being refused as if
+    pinned memory could never come free."""
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=30)
+    try:
+        x = FakeInstance(daemon.path, "x", pinned=True)
+        x.lease(8)
+        x.worker.set_state("sleeping")  # pinned too late: on its way to sleep
+        threading.Thread(target=lambda: (time.sleep(0.5), x.sleep())).start()
+        FakeInstance(daemon.path, "y").lease(5)  # waits for x's chunks, not refused
+        assert held(daemon)["y"] == 5
+    finally:
+        daemon.stop()
+    daemon = LiveDaemon(str(tmp_path / "e.sock"), 10, CS, wait_timeout=1)
+    try:
+        z = FakeInstance(daemon.path, "z", pinned=True)
+        z.lease(8)
+        z.worker.close()  # disconnected, its process alive: nobody can unpin it
+        with pytest.raises(DaemonError) as e:
+            FakeInstance(daemon.path, "w").lease(5)
+        assert e.value.code != "pinned" and "waited 1 s" in str(e.value)
+    finally:
+        daemon.stop()
+
+
+def test_knobs_that_are_not_a_mapping_are_refused_and_a_wait_bound_past_the_lease_is_capped(
+    tmp_path,
+):
+    daemon = LiveDaemon(str(tmp_path / "d.sock"), 10, CS, wait_timeout=30)
+    try:
+        Client(daemon.path).hello("m", key="m")
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        control.connect(daemon.path)
+        protocol.send(control, {"op": "hello", "role": "controller", "key": "m", "knobs": ["x"]})
+        reply, _ = protocol.recv(control)
+        assert not reply["ok"] and "knobs are a mapping, not list" in reply["error"]
+        control.close()
+        FakeInstance(daemon.path, "n", knobs={"max_wait_s": 100})
+        (n,) = [i for i in daemon.status()["instances"] if i["model"] == "n"]
+        assert n["knobs"]["max_wait_s"] == 15  # half the lease's 30 s: else it never acts
     finally:
         daemon.stop()

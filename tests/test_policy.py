@@ -23,8 +23,9 @@ def asker(id_=0, waited=1.0, **fields) -> View:
     return View(id_, f"m{id_}", "asleep", **(defaults | fields))
 
 
-def test_the_default_is_batched():
-    assert DEFAULT == "batched" and isinstance(POLICIES[DEFAULT], Batched)
+def test_the_default_is_switch_per_request_until_batched_is_shown_to_win():
+    # docs/benchmarks.md: batched lost on the CPU trace and in the simulated fleet.
+    assert DEFAULT == "switch-per-request" and isinstance(POLICIES[DEFAULT], SwitchPerRequest)
     assert set(POLICIES) == {"batched", "switch-per-request"}
 
 
@@ -183,7 +184,7 @@ COSTS = Costs(h2d_gb_s=20, wake_fixed_s=0.2, sleep_s=0.1, prefill_s_per_token=1e
               decode_s_per_token=0.02, batch=64)  # fmt: skip
 
 
-def run(trace, models=3, policy=DEFAULT):
+def run(trace, models=3, policy="batched"):
     """``models`` models of 16 GB on a pool of 20: one at a time."""
     fleet = [Model(f"m{k}", 16 * GB, knobs=KNOBS) for k in range(models)]
     return simulate(trace, fleet, COSTS, pool_bytes=20 * GB, policy=policy)
@@ -245,7 +246,7 @@ def test_no_request_waits_past_its_bound(raw, priorities, max_wait, quantum):
         for k, priority in enumerate(priorities)
     ]
     trace = [Request(t, f"m{m % len(fleet)}", p, o) for t, m, p, o in raw]
-    result = simulate(trace, fleet, COSTS, pool_bytes=20 * GB)
+    result = simulate(trace, fleet, COSTS, pool_bytes=20 * GB, policy="batched")
     drain = max(p * COSTS.prefill_s_per_token + o * COSTS.decode_s_per_token for _, _, p, o in raw)
     switch = COSTS.sleep_s + COSTS.wake_s(fleet[0])
     for s in result.served:
@@ -262,6 +263,6 @@ def test_a_waiter_goes_first_the_moment_it_passes_its_bound():
     ]
     long = Request(0.0, "holder", 0, 2500)  # 50 s, running all along
     trace = [long, Request(1, "high", 1, 1), Request(2, "low", 1, 1), Request(10, "holder", 1, 1)]
-    served = simulate(trace, fleet, COSTS, pool_bytes=20 * GB).served
+    served = simulate(trace, fleet, COSTS, pool_bytes=20 * GB, policy="batched").served
     assert served[3].admitted > 50  # the holder was draining since low's bound, at 3 s
     assert served[2].admitted < served[1].admitted

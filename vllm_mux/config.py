@@ -7,7 +7,7 @@ In the spirit of llama-swap's single file::
     host_memory: 8GiB              # copies of weights to wake from (default: half the RAM)
     port: 8000
     max_body: 32MiB                # the largest request body the router takes (audio: 25 MB)
-    policy: batched                # who sleeps for whom (or switch-per-request)
+    policy: switch-per-request     # who sleeps for whom (or batched)
     models:
       - name: smol
         source: smollm2            # a bundled model, or a model directory / id

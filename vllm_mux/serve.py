@@ -144,8 +144,8 @@ class Keeper:
         self.env = {"VLLM_MUX_PINNED": "1" if model.pinned else "", **env}
         if model.idle_ttl is not None:
             self.env["VLLM_MUX_IDLE_TTL"] = str(model.idle_ttl)
-        for knob, value in model.knobs.items():
-            self.env[KNOB_ENV[knob]] = str(value)
+        for knob, name in KNOB_ENV.items():  # the config's, never the shell's
+            self.env[name] = str(model.knobs.get(knob, ""))
         self.upstream = Upstream(url="", state="starting")
         self.server: VllmServer | None = None
         self.starts = 0  # servers started, for the log's name

@@ -17,11 +17,11 @@ run in that turn, under either policy.
 
 Two policies, by name in ``POLICIES``:
 
-- ``switch-per-request``: the daemon's arbitration before this module. Leases
+- ``switch-per-request`` (``DEFAULT``): the daemon's arbitration before this module. Leases
   go first come, first served; the first waiter asks idle instances before
   busy ones, least recently active first, never a pinned one; knobs ignored.
   Two models taking turns on a pool for one switch on almost every request.
-- ``batched`` (``DEFAULT``): a model that just woke keeps the device for its
+- ``batched``: a model that just woke keeps the device for its
   quantum or until it has had nothing to do for ``linger_s``, whichever comes
   first, so that a switch buys a batch of work; a busy model keeps the device
   from a model of lower priority and gives it up to a higher one at once; past
@@ -219,4 +219,7 @@ def _protected_until(v: View, asker: View) -> float:
 
 
 POLICIES = {p.name: p for p in (SwitchPerRequest(), Batched())}
-DEFAULT = Batched.name
+# Not batched, yet: measured on a CPU trace and in a simulated fleet
+# (docs/benchmarks.md) it did not beat switch-per-request; whether it does where
+# a switch costs more than a request (a large model on a GPU) is still to measure.
+DEFAULT = SwitchPerRequest.name

@@ -37,6 +37,7 @@ reconnect for RECONNECT_S, see client.py).
 """
 
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
@@ -477,10 +478,21 @@ class Daemon:
             protocol.send(conn, {"ok": False, "error": "bad idle_ttl"})
             return False
         try:
-            knobs = policies.knobs_from(message.get("knobs") or {})
-        except (ValueError, TypeError) as e:  # TypeError: knobs not a mapping
+            knobs = message.get("knobs") or {}
+            if not isinstance(knobs, dict):
+                raise ValueError(f"knobs are a mapping, not {type(knobs).__name__}")
+            knobs = policies.knobs_from(knobs)
+        except (ValueError, TypeError) as e:
             protocol.send(conn, {"ok": False, "error": f"bad knobs: {e}"})
             return False
+        if knobs.max_wait_s > self.wait_timeout / 2:
+            # The bound is checked inside a lease, which gives up at
+            # wait_timeout: past half of it, it would never act.
+            log.warning(
+                "max_wait_s %g of %s is more than half the daemon's --wait-timeout %g: using %g",
+                knobs.max_wait_s, key, self.wait_timeout, self.wait_timeout / 2,
+            )  # fmt: skip
+            knobs = dataclasses.replace(knobs, max_wait_s=self.wait_timeout / 2)
         controller = Controller(
             conn, bool(message.get("pinned")), float(ttl), self.ask_timeout, knobs
         )
@@ -792,6 +804,11 @@ class Daemon:
                 if op == "sleep" and report["state"] != "asleep":
                     reply["woke_for"] = report["waiting"] + report["in_flight"]
                 return reply
+            settled = not (report["draining"] or report["asked"])
+            if op == "wake" and report["state"] == "awake" and settled:
+                # Awake with no wake counted: the drain it woke from was called
+                # off (a pin) or its sleep failed. Awake is what was asked.
+                return self._ok(model=name, state="awake", changed=False, seconds=seconds)
             if report[failures] > failed:
                 refusal = inst.refusal if op == "wake" else None
                 if refusal is not None:  # its lease was refused: say why
@@ -1138,10 +1155,15 @@ class Daemon:
     def _refuse_if_pinned(self, me: Instance, n: int) -> None:
         """Refuse ``me``'s lease of ``n`` chunks if pinned instances hold so
         many that the rest could never give ``n`` (under the lock)."""
-        pins = [
+        pins = [  # a pinned one already sleeping, or gone, will give its chunks back
             (i.model, len(self.pool.held_by(i.id)))
             for i in self.instances.values()
-            if i is not me and i.controller and i.controller.pinned and self.pool.held_by(i.id)
+            if i is not me
+            and i.connected
+            and i.state != "sleeping"
+            and i.controller
+            and i.controller.pinned
+            and self.pool.held_by(i.id)
         ]
         mine = len(self.pool.held_by(me.id))
         if n <= self.pool.total - mine - sum(k for _, k in pins):
@@ -1313,6 +1335,9 @@ class Daemon:
                         "waiting": report.get("waiting", 0),
                         "pinned": bool(inst.controller and inst.controller.pinned),
                         "idle_ttl": inst.controller.idle_ttl if inst.controller else None,
+                        "knobs": (
+                            dataclasses.asdict(inst.controller.knobs) if inst.controller else None
+                        ),
                         "wakes": inst.wakes,
                         "sleeps": inst.sleeps,
                         "last_wake": inst.last_wake,
