@@ -26,7 +26,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from conftest import PATIENCE_S
+from conftest import PATIENCE_S, assert_books_balance
 from vllm_mux.daemon.client import Client
 from vllm_mux.router import make_app
 from vllm_mux.router.app import Upstream
@@ -488,3 +488,4 @@ def test_page_live(rag_serve, browser, tmp_path):
     assert after == books
     assert after[0] == switched and seen[0][sleeper] == "asleep"
     browser.screenshot(tmp_path / "status-page.png")
+    assert_books_balance(_daemon(sock))
