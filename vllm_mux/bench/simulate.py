@@ -122,6 +122,10 @@ class Result:
     busy_s: float  # device time with a request running, all devices together
     devices: int
     span_s: float  # from the first arrival to the last completion
+    decisions: tuple[tuple[float, str, str], ...]
+    """What the policy had the devices do, in order: (time, "sleep", model) when
+    a model is asked to sleep, (time, "wake", model) when its lease is granted;
+    what the daemon would do, for comparing the two drivers."""
 
 
 @dataclass
@@ -219,6 +223,7 @@ class _Simulation:
         self.switches = 0
         self.switching_s = 0.0
         self.busy_s = 0.0
+        self.decisions: list[tuple[float, str, str]] = []
 
     def run(self) -> Result:
         for index, request in enumerate(self.trace):
@@ -234,9 +239,8 @@ class _Simulation:
         )
         span = max(self.done, default=0.0) - (self.trace[0].time if self.trace else 0.0)
         turns = tuple(Turn(*t) for t in self.turns)
-        return Result(
-            served, turns, self.switches, self.switching_s, self.busy_s, len(self.devices), span
-        )
+        return Result(served, turns, self.switches, self.switching_s, self.busy_s,
+                      len(self.devices), span, tuple(self.decisions))  # fmt: skip
 
     def _at(self, time: float, handler, arg) -> None:
         self.seq += 1  # ties go in the order they were scheduled
@@ -347,6 +351,7 @@ class _Simulation:
                 device.waiters.remove(first.id)
                 device.free -= first.need
                 first.state, first.chunks = "waking", first.need
+                self.decisions.append((now, "wake", first.model.name))
                 wake = self.costs.wake_s(first.model)
                 self.switches += 1
                 self.switching_s += wake
@@ -356,6 +361,7 @@ class _Simulation:
                 views[first.id], first.need, device.free, list(views.values()), now
             )
             for i in decision.sleep:
+                self.decisions.append((now, "sleep", self.instances[i].model.name))
                 self._drain(self.instances[i], now)
             # Again when a protection lapses, or a waiter passes its bound (and
             # may go first): the daemon, which asks every quarter second, would.
