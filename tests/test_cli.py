@@ -212,6 +212,9 @@ def test_ctrl_c_while_the_daemon_does_not_answer_is_one_line(args, mute):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a run in the background (CI under nohup) inherits
+        # SIGINT ignored, and Python then never turns it into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert wait_for(lambda: taken and taken[0].recv(1 << 16), PATIENCE_S)  # it asked
     cli.send_signal(signal.SIGINT)
