@@ -454,6 +454,7 @@ class Router:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.parser, _top_level, body)
         except BrokenProcessPool:
+            self.parser.shutdown(wait=False)  # its management thread and pipes go too
             self.parser = None
             raise
 
