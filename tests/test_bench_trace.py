@@ -3,6 +3,7 @@ fake OpenAI server, and its arithmetic; ``bench simulate``'s command line."""
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 
@@ -12,6 +13,7 @@ import pytest
 
 from vllm_mux.bench import simulate, trace
 from vllm_mux.bench.simulate import Costs, Model, Request, summary, write_trace
+from vllm_mux.daemon.policy import Knobs
 
 
 def trace_args(*argv):
@@ -291,7 +293,7 @@ def fake_trace_file(path, costs: Costs, slo=1.0, off=1.0):
             "decode_s_per_token": costs.decode_s_per_token, "batch": costs.batch,
         }  # fmt: skip
         runs[policy] = {"figures": figures, "costs": calibration, "pool": pool}
-    knobs = {"quantum_s": 3.0, "linger_s": 1.0, "max_wait_s": 30.0, "priority": 0}
+    knobs = dataclasses.asdict(Knobs())  # the defaults the figures were simulated with
     data = {"models": names, "slo_s": slo, "knobs": knobs, "runs": runs}
     path.write_text(json.dumps(data | {"trace": [list(r) for r in requests]}))
 

@@ -48,6 +48,12 @@ def test_an_idle_model_lingers_then_gives_way():
     assert batched.victims(me, 10, 0, [me, old], NOW).sleep == (1,)
 
 
+def test_by_default_an_idle_model_gives_way_at_once():
+    me = asker(knobs=Knobs())
+    holder = awake(1, in_flight=0, last_active=NOW, knobs=Knobs())  # in its quantum, idle
+    assert batched.victims(me, 10, 0, [me, holder], NOW).sleep == (1,)
+
+
 def test_past_its_wait_bound_a_request_takes_the_device_from_a_quantum():
     holder = awake(1)
     soon = asker(waited=KNOBS.max_wait_s - 0.5)

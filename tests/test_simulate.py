@@ -63,10 +63,10 @@ def test_batched_switches_far_less_and_serves_more_within_the_slo():
     for seed in range(3):
         trace = short_requests(seed)
         ours, theirs = pool_for_one(trace), pool_for_one(trace, "switch-per-request")
-        assert ours.switches * 1.8 < theirs.switches
+        assert ours.switches * 1.2 < theirs.switches
         assert ours.switching_s < theirs.switching_s
         good = [sum(s.ttft <= 2.0 for s in r.served) for r in (ours, theirs)]
-        assert good[0] > good[1]
+        assert good[0] > 1.3 * good[1]  # 1.42-1.62x on these seeds
 
 
 def test_one_model_per_device_never_switches():

@@ -17,7 +17,7 @@ In the spirit of llama-swap's single file::
         preload: true              # start awake (the default); false: start asleep
         cpu_cores: "0-3"           # on cpu: VLLM_CPU_OMP_THREADS_BIND (else serve picks)
         quantum_s: 3               # the switch policy's knobs (daemon/policy.py says
-        linger_s: 1                #   what each is for and why its default is what
+        linger_s: 0                #   what each is for and why its default is what
         max_wait_s: 30             #   it is); batched reads them,
         priority: 0                #   switch-per-request does not
 

@@ -143,6 +143,7 @@ class _Instance:
     turn_began: float = 0.0
     last_active: float = 0.0
     turn: int | None = None  # its entry in the turns while awake
+    asked: float | None = None  # when it asked for the lease it waits for
 
     @property
     def in_flight(self) -> int:
@@ -255,7 +256,7 @@ class _Simulation:
         else:
             inst.waiting.append(index)
             if inst.state == "asleep" and len(inst.waiting) == 1:  # its first: wake it
-                self._ask_lease(inst)
+                self._ask_lease(inst, now)
         self._arbitrate(inst.device, now)
 
     def _admit(self, inst: _Instance, index: int, now: float) -> None:
@@ -293,7 +294,8 @@ class _Simulation:
 
     # -- sleep and wake --
 
-    def _ask_lease(self, inst: _Instance) -> None:
+    def _ask_lease(self, inst: _Instance, now: float) -> None:
+        inst.asked = now
         self.devices[inst.device].waiters.append(inst.id)
 
     def _drain(self, inst: _Instance, now: float) -> None:
@@ -312,7 +314,7 @@ class _Simulation:
         self.devices[inst.device].free += inst.chunks
         inst.chunks = 0
         if inst.waiting:  # requests came while it drained: they wake it again
-            self._ask_lease(inst)
+            self._ask_lease(inst, now)
         self._arbitrate(inst.device, now)
 
     def _woke(self, now: float, inst: _Instance) -> None:
@@ -331,10 +333,12 @@ class _Simulation:
     # -- the policy --
 
     def _view(self, inst: _Instance) -> View:
-        oldest = self.trace[inst.waiting[0]].time if inst.waiting else None
+        # The wait bound runs from the lease's asking, as in the daemon, which
+        # knows no request's arrival: one that came while its model drained
+        # waited for that drain and sleep first.
         return View(
             inst.id, inst.model.name, inst.state, inst.chunks, inst.model.pinned,
-            inst.model.knobs, inst.draining, inst.in_flight, len(inst.waiting), oldest,
+            inst.model.knobs, inst.draining, inst.in_flight, len(inst.waiting), inst.asked,
             inst.turn_began, inst.last_active,
         )  # fmt: skip
 
@@ -349,6 +353,7 @@ class _Simulation:
             ]
             if first.need <= device.free:
                 device.waiters.remove(first.id)
+                first.asked = None
                 device.free -= first.need
                 first.state, first.chunks = "waking", first.need
                 self.decisions.append((now, "wake", first.model.name))

@@ -47,12 +47,15 @@ class Knobs:
     under a quarter of a contested device's time, and a turn short enough that
     the models after it still answer a chat within seconds."""
 
-    linger_s: float = 1.0
+    linger_s: float = 0.0
     """Seconds a model in its quantum keeps the device after its queue empties,
-    in case more comes. Short requests leave gaps between them shorter than a
-    switch, and giving the device up in each gap is the very thrash the quantum
-    is for. About one switch, because waiting as long as a switch costs before
-    paying for one costs at most twice the best choice in hindsight (ski rental)."""
+    in case more comes, while another waits. 0 because lingering lost wherever
+    it was measured: in the simulator (docs/benchmarks.md), a linger of one
+    switch cost batched 2-25% of its goodput against none, on a CPU-like
+    device and in a GPU fleet alike, since the waiter's wait is certain and
+    the holder's next request is not. (Ski rental argues for one switch's
+    worth when the holder's gaps are shorter than a switch: set it per model
+    where a model's requests come in trains.)"""
 
     max_wait_s: float = 30.0
     """Seconds a request may wait for its model to get the device before every
@@ -96,7 +99,7 @@ class View:
     draining: bool = False  # asked to sleep: admits nothing, finishes what it has, sleeps
     in_flight: int = 0  # admitted and not done
     waiting: int = 0  # arrived, not admitted: waiting for a wake, or a drain and a wake
-    oldest_wait: float | None = None  # when its oldest waiting request arrived
+    oldest_wait: float | None = None  # when it asked for the lease it waits for (None: it does not)
     turn_began: float = 0.0  # when it last woke
     last_active: float = 0.0  # when a request of it last ended, or it last woke
 
@@ -106,7 +109,9 @@ class View:
 
     @property
     def deadline(self) -> float | None:
-        """When its oldest waiting request reaches its wait bound."""
+        """When its wait for the device reaches its bound. The bound runs from
+        the lease's asking: a request that came while its model drained waited
+        for that drain (bounded by the model's own work) before it."""
         return None if self.oldest_wait is None else self.oldest_wait + self.knobs.max_wait_s
 
 
