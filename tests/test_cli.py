@@ -25,7 +25,7 @@ def daemon(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["--device", "gpu", "--device-memory", "1GiB"], "unknown device 'gpu'; known: cpu, cuda"),
+        (["--device", "gpu", "--device-memory", "1GiB"], "unknown device 'gpu'; known: cpu, cuda, npu"),
         (["--device-memory", "1MiB"], "smaller than one chunk (33554432)"),
         (["--device-memory", "1GiB", "--chunk-size", "12345"], "not a multiple of the device"),
     ],
@@ -87,7 +87,7 @@ def test_daemon_mistakes_are_one_line(args, says, tmp_path):
         (["--device-memory", "lots"], "device_memory must be a size like 2GiB"),
         (["--host-memory", "plenty"], "host_memory must be a size like 2GiB"),
         (["--chunk-size", "0"], "chunk_size must be a size like 2GiB"),
-        (["--device", "gpu"], "unknown device 'gpu'; known: cpu, cuda"),
+        (["--device", "gpu"], "unknown device 'gpu'; known: cpu, cuda, npu"),
         (["--port", "eighty"], "argument --port: invalid int value: 'eighty'"),
         (["--port", "99999"], "port must be 1 to 65535, not 99999"),
         (["--max-body", "huge"], "max_body must be a size"),

@@ -524,8 +524,9 @@ class Instance:
         return {"reload_seconds": reload_seconds, "same_bytes": self.digest == before}
 
     def _import(self, fds: list[int]) -> list:
-        """Chunks for received fds; if one fails, those imported are released
-        and the fds not reached are closed."""
+        """Chunks for received fds (or handles, where the backend's transport
+        is "handle"); if one fails, those imported are released and the fds
+        not reached are closed."""
         chunks = []
         try:
             for fd in fds:
@@ -533,8 +534,9 @@ class Instance:
         except BaseException:
             for chunk in chunks:
                 self.backend.release(chunk)
-            for fd in fds[len(chunks) + 1 :]:
-                os.close(fd)
+            if getattr(self.backend, "transport", "fd") == "fd":
+                for fd in fds[len(chunks) + 1 :]:
+                    os.close(fd)
             raise
         return chunks
 
@@ -571,7 +573,9 @@ class Instance:
             while True:
                 if self._up:
                     try:
-                        return self.client.lease_back(chunks, want)
+                        return self.client.lease_back(
+                            chunks, want, getattr(self.backend, "tgid", None)
+                        )
                     except Disconnected:
                         self._hang_up()
                 if self.lost:

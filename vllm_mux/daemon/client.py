@@ -139,17 +139,27 @@ class Client:
         return ids, fds
 
     def lease_back(
-        self, chunks: int, want: list[int] = ()
+        self, chunks: int, want: list[int] = (), tgid: int | None = None
     ) -> tuple[list[int], list[int], set[int]]:
-        """Lease ``chunks`` chunks: their ids, one fd for each, and the ids of
+        """Lease ``chunks`` chunks: their ids, one fd for each (or, from a
+        daemon on a device whose chunks travel as handles, one handle each:
+        ``tgid`` is then the process to let import them), and the ids of
         those of ``want`` (chunks this instance slept on, in the order it
         wants them back) that come back untouched, at their place in the list."""
-        reply, fds = self.call("lease", chunks=chunks, **({"want": list(want)} if want else {}))
+        fields = ({"want": list(want)} if want else {}) | ({"tgid": tgid} if tgid else {})
+        reply, fds = self.call("lease", chunks=chunks, **fields)
         ids, intact = reply.get("ids"), reply.get("intact", [])
-        if not isinstance(ids, list) or len(ids) != len(fds) or not isinstance(intact, list):
+        tokens = reply["handles"] if "handles" in reply and not fds else fds
+        if (
+            not isinstance(ids, list)
+            or not isinstance(tokens, list)
+            or not all(type(t) is int for t in tokens)
+            or len(ids) != len(tokens)
+            or not isinstance(intact, list)
+        ):
             protocol.close_fds(fds)
-            raise DaemonError(f"a lease's reply came with {len(fds)} fds for ids {ids!r:.80}")
-        return ids, fds, set(intact)
+            raise DaemonError(f"a lease's reply came with {len(tokens)} chunks for ids {ids!r:.80}")
+        return ids, tokens, set(intact)
 
     def release(self, ids: list[int], keep: bool = False) -> None:
         """Hand chunks back; ``keep``: they hold our bytes still (we sleep)."""

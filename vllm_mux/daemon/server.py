@@ -645,9 +645,26 @@ class Daemon:
             want = message.get("want", [])
             if not isinstance(want, list) or not all(type(i) is int for i in want):
                 raise ValueError("want names a list of chunk ids")
+            if getattr(self.backend, "transport", "fd") == "fd":
+                ids, intact = self._lease(me, n, want)
+                fds = [self.backend.export(self.chunks[i]) for i in ids]
+                return self._ok(ids=ids, intact=intact), fds
+            tgid = message.get("tgid")  # a handle lets in only the processes it names
+            if type(tgid) is not int or not 0 < tgid < 2**31:
+                raise ValueError(
+                    f"a lease of {self.backend.name} chunks names the instance's bare tgid "
+                    "(aclrtDeviceGetBareTgid), a positive 32-bit integer"
+                )
             ids, intact = self._lease(me, n, want)
-            fds = [self.backend.export(self.chunks[i]) for i in ids]
-            return self._ok(ids=ids, intact=intact), fds
+            try:
+                handles = [self.backend.grant(self.chunks[i], tgid) for i in ids]
+            except BaseException:  # the lease is not the instance's unless it hears of it
+                with self.lock:
+                    self.pool.release(me.id, ids)
+                    self._save()
+                    self.changed.notify_all()
+                raise
+            return self._ok(ids=ids, intact=intact, handles=handles), []
         if op == "release":
             ids = message.get("ids")
             if not isinstance(ids, list) or not all(type(i) is int for i in ids):

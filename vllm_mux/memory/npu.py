@@ -1,0 +1,419 @@
+"""Ascend NPU memory as chunks: CANN's virtual memory API through ctypes.
+
+Written against CANN's documented API (``acl_rt.h``); never run on an NPU.
+CI runs it against a simulated runtime (``tests/acl_sim``) that enforces the
+rules below; nothing here has met real hardware.
+
+A chunk is physical NPU memory from ``aclrtMallocPhysical`` (2 MiB huge
+pages, ``ACL_HBM_MEM_HUGE``). Unlike CUDA's POSIX fds, CANN shares memory
+between processes through a "shareable handle", a uint64 that is no
+capability by itself: the exporting process names the processes allowed to
+import it. So the daemon exports each chunk once, at creation
+(``aclrtMemExportToShareableHandle``: once per allocation), and, on each
+lease, adds the leasing instance to the chunk's whitelist
+(``aclrtMemSetPidToShareableHandle``, by the bare tgid that
+``aclrtDeviceGetBareTgid`` gives: the host's pid, which differs from
+``os.getpid()`` inside a container) and sends the handle in the reply,
+where the cpu and cuda backends send fds. The instance imports it
+(``aclrtMemImportFromShareableHandle``) and frees its import when it lets
+the chunk go (``aclrtFreePhysical``): CANN allows one import of a handle per
+process at a time, and an instance sleeps (releasing every chunk) before it
+imports the same chunk again on its next wake. The physical memory is freed
+once every holder has freed it, so the daemon's books, pidfd liveness checks
+and arbitration stay as they are: one mapper per chunk.
+
+Not done on an NPU, and refused or slower rather than faked:
+- ``share``: an imported handle cannot be exported again and the dead
+  daemon that exported it cannot whitelist anyone, so instances cannot hand
+  their chunks to a restarted daemon (they fail their reconnect and say so).
+- ``pin``: host copies stay pageable (the instance logs it): CANN's
+  host-registration call was not checked against the header.
+- ``copy_in`` copies with ``aclrtMemcpy`` synchronously, piece by piece, so
+  a wake's copies do not overlap its maps as they do on CUDA.
+
+The whitelist: the export flag that skips it
+(ACL_RT_VMM_EXPORT_FLAG_DISABLE_PID_VALIDATION, CANN 9.0) is not used, so
+this works on CANN 8.0, which has no such flag, and only the instances the
+daemon leased a chunk to may import it. A tgid stays on a chunk's whitelist
+after its lease ends (CANN has no call to remove one); like an fd kept past
+its lease on the other backends, only a process of the daemon's own user
+that ignores the books could use it.
+
+The library: ``VLLM_MUX_ASCENDCL`` names the ``libascendcl.so`` to load
+(tests point it at the simulated one). Otherwise the copy already loaded in
+this process (torch_npu's, found in /proc/self/maps as vllm-ascend's camem
+finds it), else ``$ASCEND_HOME_PATH/lib64/libascendcl.so``, else CANN's
+default install path. Tensors over NPU memory (``tensor``, ``allocating``)
+need torch_npu; the daemon never makes any, and needs no torch.
+"""
+
+import ctypes
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+log = logging.getLogger("vllm_mux.memory.npu")
+
+LIBRARY_ENV = "VLLM_MUX_ASCENDCL"
+DEFAULT_HOME = "/usr/local/Ascend/ascend-toolkit/latest"
+
+# acl_base.h / acl_rt.h (sources: tests/acl_sim/SOURCES.md)
+ACL_SUCCESS = 0
+ACL_ERROR_REPEAT_INITIALIZE = 100002  # aclInit after torch_npu's: not an error here
+ACL_MEM_HANDLE_TYPE_NONE = 0
+ACL_MEM_ALLOCATION_TYPE_PINNED = 0
+ACL_HBM_MEM_HUGE = 4  # aclrtMemAttr: 2 MiB pages
+ACL_MEM_LOCATION_TYPE_DEVICE = 1
+ACL_RT_MEM_ALLOC_GRANULARITY_MINIMUM = 0
+ACL_MEMCPY_HOST_TO_DEVICE = 1
+ACL_MEMCPY_DEVICE_TO_HOST = 2
+
+_handle = ctypes.c_void_p  # aclrtDrvMemHandle
+_error = ctypes.c_int  # aclError
+
+
+class _Location(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("type", ctypes.c_int)]
+
+
+class _PhysicalMemProp(ctypes.Structure):
+    _fields_ = [
+        ("handleType", ctypes.c_int),
+        ("allocationType", ctypes.c_int),
+        ("memAttr", ctypes.c_int),
+        ("location", _Location),
+        ("reserve", ctypes.c_uint64),
+    ]
+
+
+_P = ctypes.POINTER
+_SIGNATURES = {
+    "aclInit": [ctypes.c_char_p],
+    "aclrtSetDevice": [ctypes.c_int32],
+    "aclrtMemGetAllocationGranularity": [_P(_PhysicalMemProp), ctypes.c_int, _P(ctypes.c_size_t)],
+    "aclrtMallocPhysical": [_P(_handle), ctypes.c_size_t, _P(_PhysicalMemProp), ctypes.c_uint64],
+    "aclrtFreePhysical": [_handle],
+    "aclrtReserveMemAddress": [
+        _P(ctypes.c_void_p),
+        ctypes.c_size_t,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+        ctypes.c_uint64,
+    ],
+    "aclrtReleaseMemAddress": [ctypes.c_void_p],
+    "aclrtMapMem": [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, _handle, ctypes.c_uint64],
+    "aclrtUnmapMem": [ctypes.c_void_p],
+    "aclrtMemExportToShareableHandle": [
+        _handle,
+        ctypes.c_int,
+        ctypes.c_uint64,
+        _P(ctypes.c_uint64),
+    ],
+    "aclrtMemSetPidToShareableHandle": [ctypes.c_uint64, _P(ctypes.c_int32), ctypes.c_size_t],
+    "aclrtMemImportFromShareableHandle": [ctypes.c_uint64, ctypes.c_int32, _P(_handle)],
+    "aclrtDeviceGetBareTgid": [_P(ctypes.c_int32)],
+    "aclrtMemcpy": [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+    ],
+    "aclrtSynchronizeDevice": [],
+}
+
+
+def library_path() -> str:
+    """Which libascendcl.so to load (see the module's docstring)."""
+    path = os.environ.get(LIBRARY_ENV)
+    if path:
+        return path
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if line.rstrip().endswith("/libascendcl.so"):
+                    return line.split(None, 5)[-1].strip()
+    except OSError:
+        pass
+    home = os.environ.get("ASCEND_HOME_PATH") or DEFAULT_HOME
+    return os.path.join(home, "lib64", "libascendcl.so")
+
+
+_lib = None
+_lib_lock = threading.Lock()
+
+
+def _load():
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            path = library_path()
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError as e:
+                raise RuntimeError(
+                    f"the npu memory backend needs CANN's libascendcl.so ({e}); install the "
+                    f"CANN toolkit and source its set_env.sh, or set {LIBRARY_ENV}"
+                ) from None
+            for name, argtypes in _SIGNATURES.items():
+                call = getattr(lib, name)
+                call.argtypes, call.restype = argtypes, _error
+            lib.aclGetRecentErrMsg.argtypes, lib.aclGetRecentErrMsg.restype = [], ctypes.c_char_p
+            _lib = lib
+        return _lib
+
+
+def _check(code: int, call: str) -> None:
+    if code != ACL_SUCCESS:
+        message = (_lib.aclGetRecentErrMsg() or b"").decode(errors="replace").strip()
+        raise RuntimeError(f"{call} failed: aclError {code}" + (f" ({message})" if message else ""))
+
+
+@dataclass
+class Chunk:
+    """A physical chunk: ``handle`` is this process's aclrtDrvMemHandle;
+    ``shared`` the shareable handle (the daemon's export, or the one it was
+    imported from); ``tgids`` the processes the daemon has whitelisted."""
+
+    handle: int
+    size: int
+    shared: int = 0
+    tgids: set = field(default_factory=set)
+
+
+class Backend:
+    name = "npu"
+    device_type = "npu"  # torch device type of tensors over this memory
+    transport = "handle"  # a lease carries shareable handles, not fds
+
+    def __init__(self, index: int = 0):
+        self._lib = _load()
+        init = self._lib.aclInit(None)
+        if init not in (ACL_SUCCESS, ACL_ERROR_REPEAT_INITIALIZE):
+            _check(init, "aclInit")
+        self.index = index
+        self._local = threading.local()
+        self._device()
+        self._prop = _PhysicalMemProp(
+            ACL_MEM_HANDLE_TYPE_NONE,
+            ACL_MEM_ALLOCATION_TYPE_PINNED,
+            ACL_HBM_MEM_HUGE,
+            _Location(index, ACL_MEM_LOCATION_TYPE_DEVICE),
+            0,
+        )
+        granularity = ctypes.c_size_t()
+        _check(
+            self._lib.aclrtMemGetAllocationGranularity(
+                ctypes.byref(self._prop),
+                ACL_RT_MEM_ALLOC_GRANULARITY_MINIMUM,
+                ctypes.byref(granularity),
+            ),
+            "aclrtMemGetAllocationGranularity",
+        )
+        self.granularity = granularity.value
+        tgid = ctypes.c_int32()
+        _check(self._lib.aclrtDeviceGetBareTgid(ctypes.byref(tgid)), "aclrtDeviceGetBareTgid")
+        self.tgid = tgid.value  # this process, as the whitelists name it
+        # The same NPU has another index under another ASCEND_RT_VISIBLE_DEVICES:
+        # its index among all of the host's is how the daemon and an instance agree.
+        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "").split(",")
+        physical = visible[index].strip() if index < len(visible) and visible[0] else str(index)
+        self.identity = f"NPU-{physical}"
+        self._mapped: dict[int, int] = {}  # address -> size of each mapped chunk
+        self._lock = threading.Lock()
+
+    def _device(self) -> None:
+        """CANN binds a device to each thread: bind this one once."""
+        if not getattr(self._local, "bound", False):
+            _check(self._lib.aclrtSetDevice(self.index), f"aclrtSetDevice({self.index})")
+            self._local.bound = True
+
+    def _call(self, name: str, *args, what: str = "") -> None:
+        self._device()
+        _check(getattr(self._lib, name)(*args), what or name)
+
+    def _whole(self, size: int, what: str) -> None:
+        if size <= 0 or size % self.granularity:
+            raise ValueError(
+                f"{what} of {size} bytes is not a positive multiple of the granularity "
+                f"{self.granularity} of NPU {self.index}"
+            )
+
+    # daemon side
+    def create(self, size: int) -> Chunk:
+        """A chunk, exported at once: CANN exports an allocation only once,
+        and a failure belongs to the daemon's start, not to a lease."""
+        self._whole(size, "a chunk")
+        handle = _handle()
+        self._call(
+            "aclrtMallocPhysical",
+            ctypes.byref(handle),
+            size,
+            ctypes.byref(self._prop),
+            0,
+            what=f"aclrtMallocPhysical({size})",
+        )
+        chunk = Chunk(handle.value, size)
+        try:
+            shared = ctypes.c_uint64()
+            self._call(
+                "aclrtMemExportToShareableHandle",
+                _handle(chunk.handle),
+                ACL_MEM_HANDLE_TYPE_NONE,
+                0,
+                ctypes.byref(shared),
+            )
+            chunk.shared = shared.value
+        except BaseException:
+            self._call("aclrtFreePhysical", _handle(chunk.handle))
+            raise
+        return chunk
+
+    def destroy(self, chunk: Chunk) -> None:
+        self._call("aclrtFreePhysical", _handle(chunk.handle))
+
+    def grant(self, chunk: Chunk, tgid: int) -> int:
+        """Let the process ``tgid`` import the chunk; its shareable handle, to
+        send. A process is whitelisted once per chunk."""
+        if tgid not in chunk.tgids:
+            pids = (ctypes.c_int32 * 1)(tgid)
+            self._call(
+                "aclrtMemSetPidToShareableHandle",
+                ctypes.c_uint64(chunk.shared),
+                pids,
+                1,
+                what=f"aclrtMemSetPidToShareableHandle(tgid {tgid})",
+            )
+            chunk.tgids.add(tgid)
+        return chunk.shared
+
+    # instance side
+    def import_(self, shared: int, size: int) -> Chunk:
+        handle = _handle()
+        self._call(
+            "aclrtMemImportFromShareableHandle",
+            ctypes.c_uint64(shared),
+            self.index,
+            ctypes.byref(handle),
+        )
+        return Chunk(handle.value, size, shared)
+
+    def share(self, chunk: Chunk) -> int:
+        raise RuntimeError(
+            "an NPU chunk cannot be handed to a restarted daemon: CANN exports an "
+            "allocation only from the process that made it, and that daemon is gone"
+        )
+
+    def release(self, chunk: Chunk) -> None:
+        """Free this process's import (after unmapping): the next import of
+        the same handle needs it gone."""
+        self._call("aclrtFreePhysical", _handle(chunk.handle))
+
+    def reserve(self, size: int) -> int:
+        self._whole(size, "a reservation")
+        addr = ctypes.c_void_p()
+        self._call(
+            "aclrtReserveMemAddress",
+            ctypes.byref(addr),
+            size,
+            self.granularity,
+            None,
+            0,
+            what=f"aclrtReserveMemAddress({size})",
+        )
+        return addr.value
+
+    def free(self, addr: int, size: int) -> None:
+        """Give the range back, unmapping whatever is still mapped in it."""
+        self.unmap(addr, size)
+        self._call("aclrtReleaseMemAddress", ctypes.c_void_p(addr))
+
+    def map(self, chunk: Chunk, addr: int, prefault: bool = True) -> None:
+        """Map the whole chunk at ``addr``: CANN maps an allocation whole, from
+        offset 0, read-write. ``prefault`` means nothing: no lazy faults."""
+        with self._lock:
+            self._call(
+                "aclrtMapMem",
+                ctypes.c_void_p(addr),
+                chunk.size,
+                0,
+                _handle(chunk.handle),
+                0,
+                what=f"aclrtMapMem({addr:#x}, {chunk.size})",
+            )
+            self._mapped[addr] = chunk.size
+
+    def unmap(self, addr: int, size: int) -> None:
+        """Unmap every chunk mapped in ``[addr, addr + size)``; the range stays
+        reserved. ``aclrtUnmapMem`` takes an address only, so the range must
+        not cut a chunk's mapping."""
+        end = addr + size
+        with self._lock:
+            inside = []
+            for start, length in sorted(self._mapped.items()):
+                if start >= end or start + length <= addr:
+                    continue
+                if start < addr or start + length > end:
+                    raise ValueError(
+                        f"unmap of [{addr:#x}, {end:#x}) would cut the chunk mapped at "
+                        f"[{start:#x}, {start + length:#x}): CANN unmaps whole chunks only"
+                    )
+                inside.append(start)
+            for start in inside:
+                self._call(
+                    "aclrtUnmapMem", ctypes.c_void_p(start), what=f"aclrtUnmapMem({start:#x})"
+                )
+                del self._mapped[start]
+
+    def synchronize(self) -> None:
+        self._call("aclrtSynchronizeDevice")
+
+    def copy_in(self, addr: int, host) -> None:
+        """Copy the host tensor ``host`` to ``addr`` (synchronous: see the
+        module's docstring)."""
+        n = host.numel() * host.element_size()
+        self._call(
+            "aclrtMemcpy",
+            ctypes.c_void_p(addr),
+            n,
+            ctypes.c_void_p(host.data_ptr()),
+            n,
+            ACL_MEMCPY_HOST_TO_DEVICE,
+            what=f"aclrtMemcpy(to {addr:#x}, {n})",
+        )
+
+    def copy_out(self, host, addr: int) -> None:
+        """Copy from ``addr`` into the host tensor ``host``."""
+        n = host.numel() * host.element_size()
+        self._call(
+            "aclrtMemcpy",
+            ctypes.c_void_p(host.data_ptr()),
+            n,
+            ctypes.c_void_p(addr),
+            n,
+            ACL_MEMCPY_DEVICE_TO_HOST,
+            what=f"aclrtMemcpy(from {addr:#x}, {n})",
+        )
+
+    def host_buffer(self, nbytes: int):
+        """``nbytes`` of host memory, pageable (see ``pin``)."""
+        return _HostBuffer(nbytes)
+
+    def pin(self, addr: int, nbytes: int, read_only: bool = False) -> None:
+        raise RuntimeError("page-locking host memory is not done on an NPU yet")
+
+    def unpin(self, addr: int) -> None:
+        raise RuntimeError("page-locking host memory is not done on an NPU yet")
+
+
+class _HostBuffer:
+    """``nbytes`` of anonymous host memory; ``.tensor`` is a uint8 view of it."""
+
+    def __init__(self, nbytes: int):
+        import mmap
+
+        import torch
+
+        self._map = mmap.mmap(-1, nbytes)
+        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
