@@ -13,7 +13,7 @@ import inspect
 
 VLLM_VERSION = "0.32.0"
 
-# Module names, in the order they are applied.
+# Module names, in the order they are applied: CPU and CUDA, on vLLM 0.32.
 PATCHES = [
     "cpu_sleep_mode",
     "cpu_gemm",
@@ -24,13 +24,49 @@ PATCHES = [
     "engine_core",
 ]
 
+# Ascend NPUs: vllm-ascend 0.23.0.post1 on vLLM 0.23.0 (no vllm-ascend release
+# pairs with vLLM 0.32). The engine-side patches whose targets differ in vLLM
+# 0.23 have files of their own (``*_v023``).
+NPU_VLLM_VERSION = "0.23.0"
+NPU_VLLM_ASCEND_VERSION = "0.23.0.post1"
+NPU_PATCHES = [
+    "npu_worker",
+    "idle_spin_v023",
+    "engine_core_v023",
+]
 
-def modules():
-    return [importlib.import_module(f"{__name__}.{name}") for name in PATCHES]
+# What tools/check_upstream.py checks per platform: the patches, the upstream
+# distributions they are written for (top-level package -> (distribution,
+# version)), and whether that upstream can be imported here to hash it (npu:
+# no; vllm_ascend needs an NPU to import, so its sources are read instead).
+PLATFORMS = {
+    "cpu": {"patches": PATCHES, "versions": {"vllm": ("vllm", VLLM_VERSION)}, "importable": True},
+    "cuda": {"patches": PATCHES, "versions": {"vllm": ("vllm", VLLM_VERSION)}, "importable": True},
+    "npu": {
+        "patches": NPU_PATCHES,
+        "versions": {
+            "vllm": ("vllm", NPU_VLLM_VERSION),
+            "vllm_ascend": ("vllm-ascend", NPU_VLLM_ASCEND_VERSION),
+        },
+        "importable": False,
+    },
+}
+
+
+def modules(names=None):
+    return [importlib.import_module(f"{__name__}.{name}") for name in (names or PATCHES)]
+
+
+def on_npu() -> bool:
+    """Whether this vLLM process runs on an Ascend NPU. vLLM picks the
+    platform; only where vllm-ascend is installed does that import it."""
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type == "npu"
 
 
 def apply() -> None:
-    for module in modules():
+    for module in modules(NPU_PATCHES if on_npu() else PATCHES):
         module.apply()
 
 

@@ -1,0 +1,148 @@
+"""``engine_core`` on vLLM 0.23 (Ascend NPUs, with vllm-ascend 0.23.0.post1):
+keep the prefix cache across a sleep when the KV cache comes back untouched.
+
+Why its own file: ``engine_core`` imports ``vllm_mux.worker``, which needs
+vLLM 0.32's sleep-mode backend registry (absent from 0.23), and asks the
+workers for that backend's name; and vLLM 0.23's ``EngineCore.wake_up``
+differs (below). The idea and the reasons are ``engine_core``'s.
+
+Targets, on ``vllm.v1.engine.core.EngineCore`` in vLLM 0.23.0:
+- ``sleep``: as in 0.32 (only its docstring moved): it pauses the scheduler
+  with ``clear_cache=True`` at level 1 and above, which resets the prefix
+  cache (through ``_reset_caches``, called inline in 0.23's
+  ``pause_scheduler``, where 0.32 has ``_finish_pause``).
+- ``wake_up``: 0.23 wakes the executor and then always resumes the scheduler,
+  even after a partial wake by tags, and returns nothing (0.32 resumes only
+  once fully awake and returns whether it is).
+How: a level-1 sleep, when every worker answers ``mux_sleep_mode``
+(``patches/npu_worker.py``), runs upstream's with ``pause_scheduler``
+shadowed to keep the caches. Upstream's ``wake_up`` runs with
+``resume_scheduler`` shadowed: before scheduling resumes every worker is
+asked ``mux_kv_intact``, and the caches are reset as upstream resets them
+at sleep unless all say yes. A partial wake by tags (how weights get
+replaced between sleep and wake) resets them whatever the chunks say. A
+sleep or a wake that fails resets them at once; if even that fails, the next
+wake does it before scheduling resumes.
+Upstream: as ``engine_core``: a ``preserves_kv_cache`` hook on sleep-mode
+backends; vLLM 0.23 has no such backends at all.
+"""
+
+import logging
+from concurrent.futures import Future
+
+log = logging.getLogger("vllm_mux.engine_core")
+
+_CORE = "vllm.v1.engine.core"
+# Upstream symbols this patch replaces or relies on -> sha256 of their source in vLLM 0.23.0.
+TARGETS = {
+    f"{_CORE}.EngineCore.sleep": "4a9d9c07cb53dde2",
+    f"{_CORE}.EngineCore.wake_up": "fc074bdfbdba00b2",
+    # sleep calls self.pause_scheduler(mode=..., clear_cache=...); wake_up
+    # calls self.resume_scheduler() after the executor's wake_up, always.
+    f"{_CORE}.EngineCore.pause_scheduler": "64f190b6114050d6",
+    f"{_CORE}.EngineCoreProc.pause_scheduler": "a91082c0af16c02b",
+    f"{_CORE}.EngineCore.resume_scheduler": "206f103ac66e1ee7",
+    f"{_CORE}.EngineCore._reset_caches": "f788041c1160bc77",
+    "vllm.v1.executor.abstract.Executor.wake_up": "a8ff8dfbff50540c",
+}
+
+STATE = "_mux_prefix_cache"
+UNCHECKED, STALE = "unchecked", "stale"
+
+
+def apply() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    upstream_sleep = EngineCore.sleep
+    upstream_wake_up = EngineCore.wake_up
+
+    def sleep(self, level: int = 1, mode="abort"):
+        if level != 1 or not _warm_sleep(self):
+            return upstream_sleep(self, level, mode)
+        pause = self.pause_scheduler
+
+        def pause_keeping_caches(mode="abort", clear_cache: bool = True):
+            return pause(mode=mode, clear_cache=False)
+
+        if getattr(self, STATE, None) is None:
+            setattr(self, STATE, UNCHECKED)
+        self.pause_scheduler = pause_keeping_caches
+        try:
+            result = upstream_sleep(self, level, mode)
+        except BaseException:
+            _reset(self, "the sleep failed")
+            raise
+        finally:
+            del self.pause_scheduler
+        if isinstance(result, Future):
+
+            def failed(future: Future) -> None:
+                if future.cancelled() or future.exception() is not None:
+                    _reset(self, "the sleep failed")
+
+            result.add_done_callback(failed)
+        return result
+
+    def wake_up(self, tags: list[str] | None = None):
+        if getattr(self, STATE, None) is None:
+            return upstream_wake_up(self, tags)
+        was_asleep = self.model_executor.is_sleeping
+        if tags is not None and any(tag != "scheduling" for tag in tags):
+            setattr(self, STATE, STALE)  # a partial wake: weights may be replaced
+        resume = self.resume_scheduler
+
+        def resume_with_checked_caches() -> None:
+            if was_asleep and getattr(self, STATE) == UNCHECKED:
+                setattr(self, STATE, None if _kv_intact(self) else STALE)
+                if getattr(self, STATE) is None:
+                    log.info("vllm-mux: the KV cache survived the sleep; prefix cache kept")
+            if getattr(self, STATE) == STALE:
+                log.info("vllm-mux: the KV cache did not survive the sleep; resetting caches")
+                self._reset_caches()
+                setattr(self, STATE, None)
+            resume()
+
+        self.resume_scheduler = resume_with_checked_caches
+        try:
+            return upstream_wake_up(self, tags)
+        except BaseException:
+            _reset(self, "the wake failed")
+            raise
+        finally:
+            del self.resume_scheduler
+
+    EngineCore.sleep = sleep
+    EngineCore.wake_up = wake_up
+
+
+def _warm_sleep(engine) -> bool:
+    """Whether every worker sleeps through vllm-mux (asked once)."""
+    known = getattr(engine, "_mux_warm_sleep", None)
+    if known is None:
+        try:
+            known = all(engine.model_executor.collective_rpc("mux_sleep_mode"))
+        except Exception as e:  # a worker without the method: upstream's sleep
+            log.warning("vllm-mux: cannot ask the workers for their sleep mode (%s)", e)
+            return False
+        engine._mux_warm_sleep = known
+    return known
+
+
+def _kv_intact(engine) -> bool:
+    try:
+        return all(engine.model_executor.collective_rpc("mux_kv_intact"))
+    except Exception as e:
+        log.warning("vllm-mux: cannot ask the workers whether the KV cache survived (%s)", e)
+        return False
+
+
+def _reset(engine, why: str) -> None:
+    if getattr(engine, STATE, None) is None:
+        return
+    setattr(engine, STATE, STALE)
+    try:
+        engine._reset_caches()
+    except Exception as e:
+        log.warning("vllm-mux: %s and the caches could not be reset yet (%s)", why, e)
+        return
+    setattr(engine, STATE, None)
