@@ -1,7 +1,9 @@
 """Shared fixtures: the bundled model, a daemon, vLLM servers, the books."""
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -383,3 +385,56 @@ def rag_serve(tmp_path_factory):
         proc.wait(120)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def pypi_file(project: str, filename: str) -> Path:
+    """One release file from PyPI's simple index (JSON, PEP 691), its sha256
+    checked, cached in ~/.cache/vllm-mux-test: the test that needs it skips,
+    saying why, only when PyPI cannot be reached."""
+    import hashlib
+    import json
+    import urllib.error
+    import urllib.request
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-mux-test"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / filename
+    if path.is_file():
+        return path
+    try:
+        request = urllib.request.Request(
+            f"https://pypi.org/simple/{project}/",
+            headers={"Accept": "application/vnd.pypi.simple.v1+json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            files = json.load(reply)["files"]
+        entry = next(f for f in files if f["filename"] == filename)
+        with urllib.request.urlopen(entry["url"], timeout=300) as reply:
+            data = reply.read()
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        pytest.skip(f"PyPI is unreachable, cannot fetch {filename}: {e}")
+    assert hashlib.sha256(data).hexdigest() == entry["hashes"]["sha256"], filename
+    tmp = path.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return path
+
+
+# The torch-npu wheel vllm-ascend 0.23.0.post1 pins ships CANN's own headers
+# (tests/acl_sim/SOURCES.md); no other package installable here does.
+TORCH_NPU_WHEEL = ("torch-npu", "torch_npu-2.10.0.post4-cp312-cp312-manylinux_2_28_x86_64.whl")
+CANN_INCLUDE = "torch_npu/include/third_party/acl/inc/"
+
+
+@pytest.fixture(scope="session")
+def cann_include(tmp_path_factory) -> Path:
+    """CANN's include directory (acl/acl.h, acl/acl_rt.h, ...), from the wheel."""
+    import zipfile
+
+    wheel = pypi_file(*TORCH_NPU_WHEEL)
+    into = tmp_path_factory.mktemp("cann")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(into, [n for n in z.namelist() if n.startswith(CANN_INCLUDE)])
+    include = into / CANN_INCLUDE
+    assert (include / "acl" / "acl_rt.h").is_file()
+    return include

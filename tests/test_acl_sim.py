@@ -124,16 +124,10 @@ def test_struct_layout_is_the_headers():
     assert PhysicalMemProp.reserve.offset == 24
 
 
-def test_matches_real_cann_header(tmp_path):
-    """Compiled against CANN's own acl.h: signatures by the compiler, constants at run time.
-
-    Needs a CANN include directory in ACL_SIM_CANN_INCLUDE, e.g. from the torch-npu wheel:
-    pip download --no-deps torch-npu==2.10.0.post4; unzip torch_npu/include/third_party/acl/inc.
-    """
-    include = os.environ.get("ACL_SIM_CANN_INCLUDE")
-    if not include:
-        pytest.skip("ACL_SIM_CANN_INCLUDE (a CANN include directory with acl/acl.h) is not set")
-    lib = Acl.load(build(tmp_path, cann_include=include))
+def test_matches_real_cann_header(tmp_path, cann_include):
+    """Compiled against CANN's own acl.h (from the torch-npu wheel, see
+    conftest.cann_include): signatures by the compiler, constants at run time."""
+    lib = Acl.load(build(tmp_path, cann_include=str(cann_include)))
     assert lib.lib.acl_sim_header_mismatches() == 0
 
 
