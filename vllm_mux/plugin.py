@@ -18,6 +18,10 @@ def register() -> None:
 
     Client(socket_path).close()  # raises with a clear message if nobody listens
     apply()
+    from vllm_mux.patches import on_npu
+
+    if on_npu():  # vLLM 0.23 has no sleep-mode registry: npu_worker patches sleep and wake
+        return
     from vllm_mux.worker import register as register_sleep_mode
 
     register_sleep_mode()  # vLLM's extension point: the "vllm_mux" sleep-mode backend

@@ -38,6 +38,8 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from vllm_mux.memory import mempool
+
 try:
     from cuda.bindings import driver
 except ImportError as e:  # cuda-bindings missing, or cuda-python older than 12.8
@@ -48,8 +50,8 @@ except ImportError as e:  # cuda-bindings missing, or cuda-python older than 12.
 
 log = logging.getLogger("vllm_mux.memory.cuda")
 
-# The signatures torch's pluggable allocator calls (c10/cuda/CUDAPluggableAllocator.h).
-_MALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
+# The free torch's pluggable allocator calls (c10/cuda/CUDAPluggableAllocator.h):
+# free(ptr, size, device, stream).
 _FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
 
 _POSIX_FD = driver.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
@@ -349,21 +351,21 @@ class Backend:
             _check(driver.cuMemHostUnregister(addr), "cuMemHostUnregister")
 
     def allocating(self, heap):
-        """A context routing this thread's new CUDA tensors to ``heap``.
+        """A context routing this thread's new CUDA tensors to ``heap``
+        (``mempool.Allocating``): a ``torch.cuda.MemPool`` over a pluggable
+        allocator, given to ``torch._C._cuda_customAllocator``."""
+        import torch
 
-        A torch ``MemPool`` over a pluggable allocator whose malloc and free
-        are ``heap.malloc`` and ``heap.free`` behind ctypes callbacks, given
-        to ``torch._C._cuda_customAllocator``. Chosen over a C shim built at
-        install (``CUDAPluggableAllocator`` needs a shared library): no
-        compiler, no build step, a pure-Python wheel; torch does the same in
-        ``torch.cuda.memory._use_uvm``; and the caching allocator calls it
-        once per segment, not per tensor (a few hundred times while loading
-        an 8B model), so entering Python costs nothing that shows. Tensors
-        freed inside go back to the pool's free lists; the heap sees a free
-        only for a whole segment (``empty_cache``). Keep the returned object
-        as long as the tensors live: it owns the pool and the callbacks.
-        """
-        return _Allocating(heap, self.index)
+        device = mempool.Device(
+            name="CUDA",
+            free=_FREE,
+            custom_allocator=torch._C._cuda_customAllocator,
+            mem_pool=lambda allocator: torch.cuda.MemPool(allocator=allocator),
+            use_mem_pool=lambda pool, index: torch.cuda.use_mem_pool(pool, device=index),
+            synchronize=torch.cuda.synchronize,
+            alloc_conf="PYTORCH_CUDA_ALLOC_CONF",
+        )
+        return mempool.Allocating(heap, self.index, device)
 
     def tensor(self, addr: int, nbytes: int):
         """A uint8 tensor over ``nbytes`` mapped at ``addr`` (no copy)."""
@@ -379,81 +381,6 @@ class Backend:
                 f"torch made a copy on {tensor.device}"
             )
         return tensor
-
-
-class _Allocating:
-    """``Backend.allocating``'s context: a MemPool whose segments come from a Heap.
-
-    Each entry makes a new pool, and its exit gives the heap every segment of
-    that pool left with nothing allocated (what a load freed: a checkpoint
-    converted to another dtype, weights repacked). torch never releases a live
-    pool's free segments itself (pytorch#145168), so without this they would
-    stay leased and be copied on every wake. A trimmed pool is never allocated
-    from again, since torch still counts those segments as its own; the pools
-    stay alive for the tensors they hold.
-    """
-
-    def __init__(self, heap, index: int):
-        import torch
-
-        self.heap, self.index = heap, index
-        self.error: BaseException | None = None  # why the last malloc said no
-        self._callbacks = (_MALLOC(self._malloc), _FREE(self._free))  # kept alive
-        malloc, free = (ctypes.cast(c, ctypes.c_void_p).value for c in self._callbacks)
-        self._allocator = torch._C._cuda_customAllocator(malloc, free)
-        self.pools: list = []
-        self.segment_free_bytes = 0  # free space inside segments still in use
-        self._using = None
-
-    def _malloc(self, size: int, device: int, stream) -> int:
-        # Must not raise into torch's allocator, nor call into torch.
-        try:
-            if device != self.index:
-                raise RuntimeError(f"asked for memory on device {device}, not {self.index}")
-            return self.heap.malloc(size)
-        except BaseException as e:
-            self.error = e
-            log.error("leased memory for a %d-byte segment: %s", size, e)
-            return 0  # NULL: torch raises its out-of-memory error
-
-    def _free(self, ptr: int, size: int, device: int, stream) -> None:
-        try:
-            self.heap.free(ptr)
-        except BaseException as e:
-            log.error("freeing the segment at %#x: %s", ptr or 0, e)
-
-    def __enter__(self):
-        import torch
-
-        if "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower():
-            raise RuntimeError(
-                "vllm-mux: PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which "
-                "torch's pools over a pluggable allocator do not support "
-                "(pytorch#147851); unset it"
-            )
-        self.error = None
-        self.pools.append(torch.cuda.MemPool(allocator=self._allocator))
-        self._using = torch.cuda.use_mem_pool(self.pools[-1], device=self.index)
-        self._using.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        using, self._using = self._using, None
-        try:
-            return using.__exit__(*exc)
-        finally:
-            self._trim(self.pools[-1])
-
-    def _trim(self, pool) -> None:
-        import torch
-
-        torch.cuda.synchronize(self.index)  # nothing in flight reads a freed block
-        self.segment_free_bytes = 0
-        for segment in pool.snapshot():
-            if segment["allocated_size"] == 0:
-                self.heap.free(segment["address"])
-            else:
-                self.segment_free_bytes += segment["total_size"] - segment["allocated_size"]
 
 
 class _PinnedHost:

@@ -44,7 +44,8 @@ The library: ``VLLM_MUX_ASCENDCL`` names the ``libascendcl.so`` to load
 this process (torch_npu's, found in /proc/self/maps as vllm-ascend's camem
 finds it), else ``$ASCEND_HOME_PATH/lib64/libascendcl.so``, else CANN's
 default install path. Tensors over NPU memory (``tensor``, ``allocating``)
-need torch_npu; the daemon never makes any, and needs no torch.
+need torch_npu (never run: CI has none, and the simulated runtime's memory is
+the host's); the daemon never makes any, and needs no torch.
 """
 
 import ctypes
@@ -52,6 +53,8 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
+
+from vllm_mux.memory import mempool
 
 log = logging.getLogger("vllm_mux.memory.npu")
 
@@ -70,6 +73,8 @@ ACL_MEMCPY_HOST_TO_DEVICE = 1
 ACL_MEMCPY_DEVICE_TO_HOST = 2
 
 _handle = ctypes.c_void_p  # aclrtDrvMemHandle
+# The free torch_npu's pluggable allocator calls: free(ptr, size, aclrtStream).
+_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
 _error = ctypes.c_int  # aclError
 
 
@@ -395,6 +400,49 @@ class Backend:
             ACL_MEMCPY_DEVICE_TO_HOST,
             what=f"aclrtMemcpy(from {addr:#x}, {n})",
         )
+
+    def allocating(self, heap):
+        """A context routing this thread's new NPU tensors to ``heap``
+        (``mempool.Allocating``): torch_npu's ``MemPool`` over a pluggable
+        allocator (``torch_npu._C._npu_customAllocator``, what
+        ``NPUPluggableAllocator`` wraps and vllm-ascend's camem uses). Its free
+        takes no device: free(ptr, size, stream). torch_npu's pools list no
+        segments, so what a load frees stays in the arena (``_trim``)."""
+        import torch_npu
+        from torch_npu.npu import memory
+
+        device = mempool.Device(
+            name="NPU",
+            free=_FREE,
+            custom_allocator=torch_npu._C._npu_customAllocator,
+            mem_pool=memory.MemPool,
+            use_mem_pool=lambda pool, index: memory.use_mem_pool(pool, device=index),
+            synchronize=torch_npu.npu.synchronize,
+            alloc_conf="PYTORCH_NPU_ALLOC_CONF",
+        )
+        return mempool.Allocating(heap, self.index, device)
+
+    def tensor(self, addr: int, nbytes: int):
+        """A uint8 tensor over ``nbytes`` mapped at ``addr`` (no copy).
+
+        torch_npu's own means, the pair its NPU graph trees rebuild tensors
+        over a pool's memory with (torch_npu/npu/_graph_tree.py): a storage
+        from a data pointer, which has no deleter (it never frees the
+        address nor hands it to the caching allocator), and a tensor over it
+        from metadata. Safe because the memory outlives the tensor's use: it
+        is mapped at this address while the instance is awake, and an arena
+        never moves; touching it asleep faults, as on CUDA.
+        """
+        import torch
+        import torch_npu
+
+        device = torch.device("npu", self.index)
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8, device=device)
+        storage = torch_npu._C._construct_storage_from_data_pointer(addr, device, nbytes)
+        metadata = {"nbytes": nbytes, "data_ptr": addr, "size": (nbytes,), "stride": (1,),
+                    "dtype": torch.uint8, "device": device, "storage_offset": 0}  # fmt: skip
+        return torch_npu._C._construct_NPU_Tensor_From_Storage_And_Metadata(metadata, storage)
 
     def host_buffer(self, nbytes: int):
         """``nbytes`` of host memory, pageable (see ``pin``)."""
