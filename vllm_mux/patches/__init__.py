@@ -32,6 +32,7 @@ NPU_VLLM_ASCEND_VERSION = "0.23.0.post1"
 NPU_PATCHES = [
     "npu_worker",
     "idle_spin_v023",
+    "async_llm_v023",
     "engine_core_v023",
 ]
 

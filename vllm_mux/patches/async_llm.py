@@ -55,21 +55,42 @@ def apply() -> None:
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.exceptions import EngineDeadError
 
+    class Unavailable(GracefulHTTPError):
+        def __init__(self, message: str):
+            super().__init__(message, HTTPStatus.SERVICE_UNAVAILABLE)
+
+    # vLLM 0.32's wake_up returns whether the engine is fully awake: ours
+    # always wakes it fully.
+    patch_engine_client(AsyncLLM, Unavailable, EngineDeadError, woke=True)
+
+    upstream_middleware = launcher_app.init_entrypoints_middleware
+
+    def init_entrypoints_middleware(args, app, supported_tasks, *rest, **kwargs):
+        upstream_middleware(args, app, supported_tasks, *rest, **kwargs)
+        app.add_middleware(RetryAfter)
+        app.add_exception_handler(EngineDeadError, engine_dead)
+
+    launcher_app.init_entrypoints_middleware = init_entrypoints_middleware
+
+
+def patch_engine_client(engine_class, unavailable, engine_dead_error, woke) -> None:
+    """Replace ``__init__``, ``generate``, ``encode``, ``sleep`` and
+    ``wake_up`` on ``engine_class``, vLLM's ``AsyncLLM`` (shared with the
+    vLLM 0.23 patch, ``async_llm_v023``). ``unavailable(message)`` is the
+    exception that this vLLM answers with a 503; ``engine_dead_error`` the
+    one its engine client raises when the engine died; ``woke`` what
+    ``wake_up`` returns after a wake through the controller."""
     from vllm_mux.controller import DEFAULT_IDLE_TTL, Controller, WakeError, knobs_from_env
 
     # Every process of this instance (API server, engine, workers) shares the
     # key that joins the worker's and the controller's connections.
     os.environ.setdefault("VLLM_MUX_INSTANCE", uuid.uuid4().hex)
 
-    class Unavailable(GracefulHTTPError):
-        def __init__(self, message: str):
-            super().__init__(message, HTTPStatus.SERVICE_UNAVAILABLE)
-
-    upstream_init = AsyncLLM.__init__
-    upstream_generate = AsyncLLM.generate
-    upstream_encode = AsyncLLM.encode
-    upstream_sleep = AsyncLLM.sleep
-    upstream_wake_up = AsyncLLM.wake_up
+    upstream_init = engine_class.__init__
+    upstream_generate = engine_class.generate
+    upstream_encode = engine_class.encode
+    upstream_sleep = engine_class.sleep
+    upstream_wake_up = engine_class.wake_up
 
     def __init__(self, *args, **kwargs):
         upstream_init(self, *args, **kwargs)
@@ -101,9 +122,9 @@ def apply() -> None:
                     async for output in upstream(self, *args, **kwargs):
                         yield output
             except WakeError as e:
-                raise Unavailable(str(e)) from e
-            except EngineDeadError as e:  # mid-request: a 503 (in the stream, if one)
-                raise Unavailable(ENGINE_DEAD) from e
+                raise unavailable(str(e)) from e
+            except engine_dead_error as e:  # mid-request: a 503 (in the stream, if one)
+                raise unavailable(ENGINE_DEAD) from e
 
         through_controller.__name__ = upstream.__name__
         return through_controller
@@ -113,26 +134,17 @@ def apply() -> None:
             return await upstream_sleep(self, level, mode)
         await self._mux.sleep(drain=False, level=level, mode=mode)
 
-    async def wake_up(self, tags=None) -> bool:
+    async def wake_up(self, tags=None):
         if self._mux is None:
             return await upstream_wake_up(self, tags)
         await self._mux.wake_up()
-        return True
+        return woke
 
-    AsyncLLM.__init__ = __init__
-    AsyncLLM.generate = gated(upstream_generate)
-    AsyncLLM.encode = gated(upstream_encode)
-    AsyncLLM.sleep = sleep
-    AsyncLLM.wake_up = wake_up
-
-    upstream_middleware = launcher_app.init_entrypoints_middleware
-
-    def init_entrypoints_middleware(args, app, supported_tasks, *rest, **kwargs):
-        upstream_middleware(args, app, supported_tasks, *rest, **kwargs)
-        app.add_middleware(RetryAfter)
-        app.add_exception_handler(EngineDeadError, engine_dead)
-
-    launcher_app.init_entrypoints_middleware = init_entrypoints_middleware
+    engine_class.__init__ = __init__
+    engine_class.generate = gated(upstream_generate)
+    engine_class.encode = gated(upstream_encode)
+    engine_class.sleep = sleep
+    engine_class.wake_up = wake_up
 
 
 class RetryAfter:
@@ -162,9 +174,20 @@ async def engine_dead(request, exc):
     RetryAfter completes, instead of upstream's 500, since ``vllm-mux serve``
     restarts the instance. Upstream's handler also stops the server, so that
     its supervisor notices: so does this one."""
-    from starlette.responses import JSONResponse
     from vllm.entrypoints.launchers.launcher import terminate_if_errored
 
+    return dead_engine_response(request, terminate_if_errored)
+
+
+def dead_engine_response(request, terminate_if_errored):
+    """``engine_dead``'s answer, given this vLLM's ``terminate_if_errored``."""
     terminate_if_errored(server=request.app.state.server, engine=request.app.state.engine_client)
-    error = {"message": ENGINE_DEAD, "type": "ServiceUnavailableError", "param": None, "code": 503}
+    return unavailable_response(ENGINE_DEAD)
+
+
+def unavailable_response(message: str):
+    """A 503 in OpenAI's error shape (RetryAfter adds the header)."""
+    from starlette.responses import JSONResponse
+
+    error = {"message": message, "type": "ServiceUnavailableError", "param": None, "code": 503}
     return JSONResponse({"error": error}, status_code=503)
