@@ -4,7 +4,16 @@ import hypothesis.strategies as st
 from hypothesis import given, settings
 
 from vllm_mux.bench.simulate import Costs, Model, Request, simulate
-from vllm_mux.daemon.policy import DEFAULT, POLICIES, STATES, Batched, Knobs, SwitchPerRequest, View
+from vllm_mux.daemon.policy import (
+    DEFAULT,
+    POLICIES,
+    STATES,
+    Batched,
+    Decision,
+    Knobs,
+    SwitchPerRequest,
+    View,
+)
 
 batched, per_request = Batched(), SwitchPerRequest()
 KNOBS = Knobs(quantum_s=3.0, linger_s=1.0, max_wait_s=30.0)
@@ -46,6 +55,22 @@ def test_an_idle_model_lingers_then_gives_way():
     # Idle since before its quantum ended: no linger past the quantum.
     old = awake(1, in_flight=0, turn_began=NOW - 10, last_active=NOW - 0.25)
     assert batched.victims(me, 10, 0, [me, old], NOW).sleep == (1,)
+
+
+def test_a_waiter_that_protections_hold_up_says_so():
+    """``held`` opens the free chunks to later waiters (backfill): only when
+    the asker is short and may ask nobody yet."""
+    me, busy = asker(), awake(1)  # busy in its quantum
+    assert batched.victims(me, 10, 0, [me, busy], NOW) == Decision(
+        retry_at=busy.turn_began + KNOBS.quantum_s, held=True
+    )
+    idle = awake(1, in_flight=0, turn_began=NOW - 10, last_active=NOW - 5)
+    assert batched.victims(me, 10, 0, [me, idle], NOW) == Decision(sleep=(1,))
+    assert batched.victims(me, 10, 10, [me, busy], NOW) == Decision()  # it fits: not short
+    draining = awake(1, draining=True)
+    assert batched.victims(me, 10, 0, [me, draining], NOW) == Decision()  # memory is coming
+    # First come, first served asks whom it can at once: never held.
+    assert not SwitchPerRequest().victims(me, 10, 0, [me, busy], NOW).held
 
 
 def test_by_default_an_idle_model_gives_way_at_once():

@@ -28,7 +28,7 @@ from vllm_mux.daemon import protocol
 from vllm_mux.daemon.client import Client
 from vllm_mux.daemon.policy import Knobs
 
-CHUNKS = 4  # each model's
+CHUNKS = 4  # each model's, unless its scenario says otherwise
 CHUNK = 128 << 20
 DECODE_S = 0.01  # a request of n output tokens runs n * DECODE_S seconds
 # Switches cost nothing, as the fakes' do (all but the daemon's own latency).
@@ -105,13 +105,54 @@ BOUND = {
 }  # fmt: skip
 
 
+# Backfill: a pool of 12 holds a, b and d (4 each). w (6) asks at 1.0: under
+# batched, idle d and busy a (its quantum of 0.8 s over) go for it, and w
+# takes 6 of their 8 chunks once a's request ends (3.5). big (8) asked at 1.5
+# and is next: short by 6, with b (busy, 4) the only one it may take and w in
+# its quantum, it is held up; so c (2), asking at 2.0, takes the 2 chunks left
+# free at once (backfill) instead of waiting behind big. big's wait bound
+# (4 s) passes at 5.5: every protection gives way, and w and c go for it.
+# Under switch-per-request c waits behind big, which asks b and w at once.
+BACKFILL = {
+    "pool": 12,
+    "models": {  # name: (pinned, knobs, chunks)
+        "a": (False, KNOBS | {"quantum_s": 0.8}),
+        "b": (False, KNOBS),
+        "d": (False, KNOBS),
+        "w": (False, KNOBS, 6),
+        "big": (False, KNOBS, 8),
+        "c": (False, KNOBS, 2),
+    },
+    "trace": [
+        *(request(0.0, m, 0.1) for m in ("a", "b", "d") for _ in range(2)),
+        request(0.5, "a", 3.0),
+        request(0.6, "b", 4.0),
+        request(1.0, "w", 0.3),
+        request(1.5, "big", 0.3),
+        request(2.0, "c", 0.3),
+    ],
+    "expected": {
+        "switch-per-request": [
+            ("sleep", "d"), ("sleep", "a"), ("wake", "w"),
+            ("sleep", "b"), ("sleep", "w"), ("wake", "big"),  # b least recently active
+            ("wake", "c"),  # behind big, in what big left free
+        ],
+        "batched": [
+            ("sleep", "d"), ("sleep", "a"), ("wake", "w"),
+            ("wake", "c"),  # backfilled while big is held up
+            ("sleep", "w"), ("sleep", "c"), ("wake", "big"),  # big's bound passed
+        ],
+    },
+}  # fmt: skip
+
+
 class FakeModel:
     """An instance's worker and controller, doing with requests what the real
     controller does; ``log`` gets ("sleep", model) when the daemon first asks
     it to sleep in a turn, ("wake", model) when its lease is granted."""
 
-    def __init__(self, path: str, model: str, log: list, pinned: bool, knobs: dict):
-        self.model, self.log = model, log
+    def __init__(self, path: str, model: str, log: list, pinned: bool, knobs: dict, chunks: int):
+        self.model, self.log, self.chunks = model, log, chunks
         self.lock = threading.Lock()
         self.state = "asleep"  # asleep, waking, awake, sleeping
         self.draining = False
@@ -130,7 +171,7 @@ class FakeModel:
         threading.Thread(target=self._answer, daemon=True).start()
 
     def wake(self, log: bool = True) -> None:
-        ids, fds = self.worker.lease(CHUNKS)
+        ids, fds = self.worker.lease(self.chunks)
         if log:
             self.log.append(("wake", self.model))
         self.ids, self.fds = ids, fds
@@ -209,10 +250,15 @@ class FakeModel:
         self.control.close()
 
 
+def _models(scenario: dict) -> list[tuple[str, tuple]]:
+    """Each model's name and (pinned, knobs, chunks), CHUNKS where not given."""
+    return [(name, (*spec, CHUNKS)[:3]) for name, spec in scenario["models"].items()]
+
+
 def simulated(scenario: dict, policy: str) -> tuple[list[str], list[tuple[str, str]]]:
     """The models awake at the start, and the simulator's decisions."""
-    models = [Model(name, CHUNKS * CHUNK, knobs=Knobs(**knobs), pinned=pinned)
-              for name, (pinned, knobs) in scenario["models"].items()]  # fmt: skip
+    models = [Model(name, chunks * CHUNK, knobs=Knobs(**knobs), pinned=pinned)
+              for name, (pinned, knobs, chunks) in _models(scenario)]  # fmt: skip
     result = simulate(scenario["trace"], models, COSTS, pool_bytes=scenario["pool"] * CHUNK,
                       chunk_bytes=CHUNK, policy=policy)  # fmt: skip
     awake = [t.model for t in result.turns if t.began == 0]
@@ -225,8 +271,8 @@ def live(tmp_path, scenario: dict, policy: str, awake: list[str]) -> list[tuple[
     # A lease waits up to 60 s: the daemon caps max_wait_s at half of it, the default 30.
     daemon = LiveDaemon(path, scenario["pool"], 64 << 10, wait_timeout=60, policy=policy)
     log: list = []
-    fakes = {name: FakeModel(path, name, log, pinned, knobs)
-             for name, (pinned, knobs) in scenario["models"].items()}  # fmt: skip
+    fakes = {name: FakeModel(path, name, log, pinned, knobs, chunks)
+             for name, (pinned, knobs, chunks) in _models(scenario)}  # fmt: skip
     try:
         for name in awake:  # in the simulator's order: the first the least recently active
             fakes[name].wake(log=False)
@@ -247,7 +293,9 @@ def live(tmp_path, scenario: dict, policy: str, awake: list[str]) -> list[tuple[
 
 
 @pytest.mark.parametrize("policy", ["switch-per-request", "batched"])
-@pytest.mark.parametrize("scenario", [TURNS, BOUND], ids=["turns", "wait-bound"])
+@pytest.mark.parametrize(
+    "scenario", [TURNS, BOUND, BACKFILL], ids=["turns", "wait-bound", "backfill"]
+)
 def test_the_daemon_and_the_simulator_decide_alike(tmp_path, scenario, policy):
     awake, by_simulator = simulated(scenario, policy)
     assert len(awake) < len(scenario["models"])  # one starts asleep: there is contention

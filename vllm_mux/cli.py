@@ -288,7 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("daemon", help="own a device's memory and lease it to vLLM instances")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or npu[:N] (default cpu)")
     p.add_argument("--device-memory", type=parse_size, required=True, help="pool size, e.g. 8GiB")
-    p.add_argument("--chunk-size", type=parse_size, help="default: 128MiB on cuda and npu, 32MiB on cpu")
+    p.add_argument(
+        "--chunk-size", type=parse_size, help="default: 128MiB on cuda and npu, 32MiB on cpu"
+    )
     p.add_argument("--socket", default=default_socket(), help="default: $VLLM_MUX_SOCKET")
     p.add_argument(
         "--host-memory",

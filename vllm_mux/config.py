@@ -203,7 +203,8 @@ def problem(key: str, value) -> str | None:
     if key == "device":
         kind, colon, index = value.partition(":")
         if kind not in BACKENDS or (colon and not index.isdigit()):
-            return f"unknown device {value!r}; known: {', '.join(BACKENDS)} (cuda:N for GPU N, npu:N for NPU N)"
+            known = ", ".join(BACKENDS)
+            return f"unknown device {value!r}; known: {known} (cuda:N for GPU N, npu:N for NPU N)"
         if kind == "cpu" and colon and int(index) != 0:
             return f"device {value!r}: the cpu device is one, cpu (or cpu:0); cuda:N names GPU N"
     if key == "port" and not 0 < value < 65536:

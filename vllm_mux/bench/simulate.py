@@ -352,15 +352,7 @@ class _Simulation:
                 self.policy.next_to_wake([views[i] for i in device.waiters], now)
             ]
             if first.need <= device.free:
-                device.waiters.remove(first.id)
-                first.asked = None
-                device.free -= first.need
-                first.state, first.chunks = "waking", first.need
-                self.decisions.append((now, "wake", first.model.name))
-                wake = self.costs.wake_s(first.model)
-                self.switches += 1
-                self.switching_s += wake
-                self._at(now + wake, self._woke, first)
+                self._grant(first, now)
                 continue
             decision = self.policy.victims(
                 views[first.id], first.need, device.free, list(views.values()), now
@@ -368,6 +360,11 @@ class _Simulation:
             for i in decision.sleep:
                 self.decisions.append((now, "sleep", self.instances[i].model.name))
                 self._drain(self.instances[i], now)
+            # Held up by protections: a later waiter that fits takes the free chunks.
+            fits = [i for i in device.waiters if self.instances[i].need <= device.free]
+            if decision.held and fits:
+                self._grant(self.instances[fits[0]], now)
+                continue
             # Again when a protection lapses, or a waiter passes its bound (and
             # may go first): the daemon, which asks every quarter second, would.
             deadlines = (views[i].deadline for i in device.waiters)
@@ -377,6 +374,18 @@ class _Simulation:
                 device.retries.add(retry)
                 self._at(retry, self._retry, d)
             return
+
+    def _grant(self, inst: _Instance, now: float) -> None:
+        device = self.devices[inst.device]
+        device.waiters.remove(inst.id)
+        inst.asked = None
+        device.free -= inst.need
+        inst.state, inst.chunks = "waking", inst.need
+        self.decisions.append((now, "wake", inst.model.name))
+        wake = self.costs.wake_s(inst.model)
+        self.switches += 1
+        self.switching_s += wake
+        self._at(now + wake, self._woke, inst)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

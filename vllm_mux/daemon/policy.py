@@ -26,7 +26,8 @@ Two policies, by name in ``POLICIES``:
   first, so that a switch buys a batch of work; a busy model keeps the device
   from a model of lower priority and gives it up to a higher one at once; past
   a waiting request's ``max_wait_s`` every protection but pinning gives way, so
-  no model starves.
+  no model starves. While the first waiter is held up so, a later one that
+  fits in the free chunks takes them (``Decision.held``: backfill).
 """
 
 import math
@@ -119,6 +120,11 @@ class View:
 class Decision:
     sleep: tuple[int, ...] = ()  # instance ids to ask to sleep now
     retry_at: float | None = None  # ask again by then (a protection lapses); None: on a change
+    held: bool = False
+    """The asker is short and may ask nobody yet: protections hold it up. Until
+    they lapse, a later waiter that fits in the free chunks may take them
+    (backfill): they are too few for the asker, and the asker's wait bound
+    still overrides the newcomer's protection."""
 
 
 def _short(need: int, free: int, instances: Sequence[View]) -> int:
@@ -209,7 +215,7 @@ class Batched:
             return Decision(tuple(v.id for v in _enough(takeable, short)))
         if deadline is not None and not overdue:
             lapses.append(deadline)
-        return Decision(retry_at=min(lapses, default=None))
+        return Decision(retry_at=min(lapses, default=None), held=True)
 
 
 def _protected_until(v: View, asker: View) -> float:

@@ -246,6 +246,7 @@ class Daemon:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # chunks freed, waiters moved
         self.waiters: list[int] = []  # instance ids waiting for a lease, first come first
+        self.held_up: int | None = None  # the first waiter, while protections hold it up
         self._hands: dict[int, _Hand] = {}  # instance id -> the control by hand under way
         self._next_id = 1
         self._listener: socket.socket | None = None
@@ -1138,8 +1139,12 @@ class Daemon:
             while True:
                 with self.lock:
                     starting = me.controller is None and self.pool.held_by(me.id)
-                    first = self._first_waiter() == me.id
-                    if (first or starting) and n <= len(self.pool.free):
+                    first_id = self._first_waiter()
+                    first = first_id == me.id
+                    # A first waiter held up by protections leaves the free chunks,
+                    # too few for it, to one that fits (policy.Decision.held).
+                    backfill = self.held_up == first_id != me.id
+                    if (first or starting or backfill) and n <= len(self.pool.free):
                         intact = self.pool.intact(me.id, want)
                         ids = self.pool.lease(me.id, n, want)
                         if not self._save():  # a lease the books do not show could be lost
@@ -1167,6 +1172,8 @@ class Daemon:
             with self.lock:
                 self.waiters.remove(me.id)
                 me.wait_since = None
+                if self.held_up == me.id:
+                    self.held_up = None
                 self.changed.notify_all()
 
     def _refuse_if_pinned(self, me: Instance, n: int) -> None:
@@ -1248,6 +1255,9 @@ class Daemon:
             asker = self._view(me)
             free = len(self.pool.free)
         decision = self.policy.victims(asker, n, free, views, time.time())
+        with self.lock:
+            self.held_up = me.id if decision.held and me.id in self.waiters else None
+            self.changed.notify_all()
         for victim in filter(None, map(self.instances.get, decision.sleep)):
             if victim.controller.ask("sleep") and not reports[victim.id].get("draining"):
                 log.info("asked %d (%s) to sleep for %s", victim.id, victim.model, me.model)
