@@ -18,9 +18,11 @@ each on stdout ("ok ..." or "error ..."):
     import HANDLE      import a shareable handle by hand (and free it at once)
     tgid               this process's bare tgid
     handles            the shareable handles of the weights chunks it maps
+    reconnect          break the connection to the daemon; answer once back
 """
 
 import sys
+import time
 
 import torch
 
@@ -78,6 +80,12 @@ def main(socket_path: str, model: str) -> None:
                 reply = "ok"
             elif op == "handles":
                 reply = " ".join(["ok", *(str(c.shared) for c in inst.weights.chunks)])
+            elif op == "reconnect":
+                inst._hang_up()  # as a call that found the connection broken
+                deadline = time.monotonic() + 30
+                while not inst._up and not inst.lost and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                reply = f"error {inst.lost}" if inst.lost or not inst._up else "ok"
             elif op == "tgid":
                 reply = f"ok {inst.backend.tgid}"
             else:

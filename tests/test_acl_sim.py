@@ -150,6 +150,23 @@ def test_init_and_set_device_required(fresh):
     assert acl.bare_tgid() == (OK, os.getpid())
 
 
+def test_a_device_has_one_uuid_for_every_process(fresh, spawn):
+    acl = fresh()
+    assert acl.uuid()[0] == ACL_ERROR_UNINITIALIZE
+    assert acl.init() == OK
+    rc, mine = acl.uuid()
+    assert rc == OK and len(mine) == 16 and mine != bytes(16)
+    assert acl.uuid(1)[0] == ACL_ERROR_RT_INVALID_DEVICEID
+    assert spawn().uuid() == (OK, mine)
+
+
+def test_a_reservation_alignment_is_reserved(acl):
+    assert acl.reserve(2 * MiB, alignment=2 * MiB)[0] == ACL_ERROR_INVALID_PARAM
+    rc, va = acl.reserve(4 * MiB)
+    assert rc == OK and va % (2 * MiB) == 0
+    assert acl.release(va) == OK
+
+
 def test_init_needs_sim_dir(fresh, monkeypatch):
     monkeypatch.delenv("ACL_SIM_DIR")
     acl = fresh()

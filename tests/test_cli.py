@@ -25,7 +25,10 @@ def daemon(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["--device", "gpu", "--device-memory", "1GiB"], "unknown device 'gpu'; known: cpu, cuda, npu"),
+        (
+            ["--device", "gpu", "--device-memory", "1GiB"],
+            "unknown device 'gpu'; known: cpu, cuda, npu",
+        ),
         (["--device-memory", "1MiB"], "smaller than one chunk (33554432)"),
         (["--device-memory", "1GiB", "--chunk-size", "12345"], "not a multiple of the device"),
     ],

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from acl_sim import ACL_ERROR_RT_DRV_INTERNAL_ERROR, ACL_ERROR_RT_INVALID_HANDLE, build
 
-from conftest import assert_books_balance
+from conftest import LiveDaemon, assert_books_balance
 from vllm_mux.daemon.client import Client, DaemonError
 from vllm_mux.memory import npu
+from vllm_mux.memory.cpu import Backend as CpuBackend
 
 HERE = Path(__file__).parent
 CHUNK = 2 << 20  # the simulated device's granularity
@@ -192,6 +193,23 @@ def test_an_instance_killed_mid_lease_gives_its_chunks_back(daemon, workers):
     assert held(books(daemon), "b") == 7
 
 
+def test_an_instance_reconnects_to_the_same_daemon_holding_its_chunks(daemon, workers):
+    """Its chunks travel as handles: it names them on hello, brings nothing,
+    and the daemon, which still has them, takes it back (no share, which an
+    NPU cannot)."""
+    a = workers("a")
+    a.ok(f"load {WEIGHTS} 7")
+    a.ok(f"kv {CHUNK}")
+    a.ok("reconnect")
+    status = books(daemon)
+    (me,) = status["instances"]
+    assert me["state"] == "awake" and me["chunks"] == 7
+    a.ok("check")
+    a.ok("sleep")
+    a.ok("wake")
+    a.ok("check")
+
+
 def test_a_process_never_granted_a_chunk_cannot_import_it(daemon, workers):
     a, c = workers("a"), workers("c")
     a.ok(f"load {CHUNK} 6")
@@ -235,6 +253,7 @@ _C_TYPES = {
     ctypes.POINTER(ctypes.c_uint64): "uint64_t *",
     ctypes.POINTER(ctypes.c_int32): "int32_t *",
     ctypes.POINTER(npu._PhysicalMemProp): "aclrtPhysicalMemProp *",
+    ctypes.POINTER(npu._Uuid): "aclrtUuid *",
 }
 _HEADER_SPELLING = {  # (function, argument index): the header's type where not the above
     ("aclrtMemGetAllocationGranularity", 1): "aclrtMemGranularityOptions",
@@ -264,7 +283,7 @@ def test_the_backends_declarations_match_cann_header(cann_include, libascendcl, 
     lines.append("const char *(*check_msg)(void) = aclGetRecentErrMsg;")
     lines += ["", "int main(void) {"]
     lines += [f'    printf("{c} %lld\\n", (long long){c});' for c in _CONSTANTS]
-    layout = {"sizeof": "sizeof(aclrtPhysicalMemProp)"}
+    layout = {"sizeof": "sizeof(aclrtPhysicalMemProp)", "uuid": "sizeof(aclrtUuid)"}
     for field in ("handleType", "allocationType", "memAttr", "location", "reserve"):
         layout[field] = f"offsetof(aclrtPhysicalMemProp, {field})"
     layout |= {"location.id": "offsetof(aclrtMemLocation, id)",
@@ -292,3 +311,78 @@ def test_the_backends_declarations_match_cann_header(cann_include, libascendcl, 
         assert int(values[field]) == getattr(prop, field).offset, field
     assert int(values["location.id"]) == location.id.offset
     assert int(values["location.type"]) == location.type.offset
+    assert int(values["uuid"]) == ctypes.sizeof(npu._Uuid)
+
+
+# -- the daemon's handle path, with a stand-in backend (no simulator needed) --
+
+
+class HandleBackend(CpuBackend):
+    """The cpu backend, but its chunks travel as handles, as npu's do: a lease
+    names the tgid to let in; ``grant`` fails on the ``fail_at``-th call, as
+    CANN's whitelisting may."""
+
+    name = "handle-test"
+    transport = "handle"
+
+    def __init__(self, fail_at: int = 0):
+        super().__init__()
+        self.grants, self.fail_at = 0, fail_at
+
+    def grant(self, chunk, tgid: int) -> int:
+        self.grants += 1
+        if self.grants == self.fail_at:
+            raise RuntimeError("aclrtMemSetPidToShareableHandle failed: aclError 507899")
+        return 1000 + self.grants
+
+
+@pytest.fixture
+def handle_daemon(tmp_path):
+    daemon = LiveDaemon(str(tmp_path / "h.sock"), 8, 1 << 20, backend=HandleBackend(fail_at=3))
+    yield daemon
+    daemon.stop()
+
+
+def test_a_failed_grant_is_an_answer_and_gives_the_lease_back(handle_daemon):
+    client = handle_daemon.client()
+    client.hello("m", key="m")
+    ids, handles, _ = client.lease_back(2, tgid=4242)
+    assert len(ids) == 2 and handles == [1001, 1002]
+    with pytest.raises(DaemonError, match="cannot let this instance import its chunks"):
+        client.lease_back(2, tgid=4242)  # the third grant fails
+    # The connection lives on: the same client is answered, and holds its first two.
+    status = client.status()
+    assert_books_balance(status)
+    (me,) = status["instances"]
+    assert me["chunks"] == 2 and me["state"] != "disconnected"
+    assert client.lease_back(1, tgid=4242)[1] == [1004]
+
+
+def test_a_hello_with_fds_to_a_handle_daemon_is_refused_and_its_fds_closed(handle_daemon):
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        client = Client(handle_daemon.path, timeout=10)
+        r, w = os.pipe()
+        try:
+            with pytest.raises(DaemonError, match="brings no fds"):
+                client.hello("m", key="k", held=[0], fds=[r])
+        finally:
+            os.close(r), os.close(w)
+            client.close()
+    time.sleep(0.2)  # the daemon's threads close what they received
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_a_backfill_never_takes_what_the_held_waiter_fits_in(handle_daemon):
+    daemon = handle_daemon.daemon
+    with daemon.lock:
+        daemon.held_up = (7, 4)  # waiter 7, first, held up, needs 4
+        taken = daemon.pool.lease(99, 5)  # 3 of 8 free: too few for it
+        assert daemon._may_backfill(8, first=7)
+        assert not daemon._may_backfill(7, first=7)  # the held one itself goes as first
+        daemon.pool.release(99, taken[:2])  # 5 free: it fits now
+        assert not daemon._may_backfill(8, first=7)
+        daemon.pool.release(99, taken[2:])
+        daemon.held_up = (7, 4)
+        assert not daemon._may_backfill(8, first=9)  # another is first: it asks anew
+        assert daemon.held_up is None

@@ -648,9 +648,10 @@ class Instance:
             arenas = (self.weights, self.kv_cache)
             held = [(i, c) for a in arenas for i, c in zip(self.leases[id(a)], a.chunks)]
             fds = []
-            try:
-                for _, chunk in held:
-                    fds.append(self.backend.share(chunk))
+            try:  # chunks that travel as handles need nothing: the daemon knows them
+                if getattr(self.backend, "transport", "fd") == "fd":
+                    for _, chunk in held:
+                        fds.append(self.backend.share(chunk))
             except (OSError, RuntimeError) as e:  # out of fds; a driver error on cuda
                 protocol.close_fds(fds)
                 raise DaemonError(f"cannot hand our chunks to the daemon: {e}") from None

@@ -185,6 +185,7 @@ _SIGNATURES = {
     "aclrtMemSetPidToShareableHandle": [_c.c_uint64, _c.POINTER(_c.c_int32), _c.c_size_t],
     "aclrtMemImportFromShareableHandle": [_c.c_uint64, _c.c_int32, _c.POINTER(_c.c_void_p)],
     "aclrtDeviceGetBareTgid": [_c.POINTER(_c.c_int32)],
+    "aclrtDeviceGetUuid": [_c.c_int32, _c.c_void_p],
     "aclrtMemcpy": [_c.c_void_p, _c.c_size_t, _c.c_void_p, _c.c_size_t, _c.c_int],
 }
 
@@ -282,6 +283,10 @@ class Acl:
     def bare_tgid(self):
         out = ctypes.c_int32()
         return self.lib.aclrtDeviceGetBareTgid(ctypes.byref(out)), out.value
+
+    def uuid(self, device=0):
+        out = (ctypes.c_char * 16)()
+        return self.lib.aclrtDeviceGetUuid(device, out), bytes(bytearray(out))
 
     def memcpy(self, dst, dest_max, src, count, kind=ACL_MEMCPY_DEVICE_TO_DEVICE):
         return self.lib.aclrtMemcpy(dst, dest_max, src, count, kind)

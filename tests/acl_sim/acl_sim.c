@@ -61,6 +61,9 @@ typedef struct aclrtPhysicalMemProp {
     aclrtMemLocation location;
     uint64_t reserve;
 } aclrtPhysicalMemProp;
+typedef struct aclrtUuid {
+    char bytes[16];
+} aclrtUuid;
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
@@ -421,6 +424,42 @@ EXPORT aclError aclrtDeviceGetBareTgid(int32_t *pid)
     return E_OK;
 }
 
+/* One simulated device, one UUID: made once in $ACL_SIM_DIR, read by every
+ * process sharing it (a device's identity whatever its index there). */
+static aclError do_get_uuid(int32_t deviceId, aclrtUuid *uuid)
+{
+    if (g_dir[0] == '\0')
+        return FAIL(E_UNINITIALIZE, "aclrtDeviceGetUuid before aclInit");
+    if (uuid == NULL)
+        return FAIL(E_INVALID_PARAM, "uuid is NULL");
+    if (deviceId != 0)
+        return FAIL(E_RT_DEVICEID, "device %d does not exist (only device 0 is simulated)",
+                    (int)deviceId);
+    char p[4096];
+    snprintf(p, sizeof p, "%s/uuid", g_dir);
+    int lk = dir_lock();
+    int fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    aclError rc = E_OK;
+    if (fd < 0 || pread(fd, uuid->bytes, sizeof uuid->bytes, 0) != (ssize_t)sizeof uuid->bytes) {
+        uint64_t seed = ((uint64_t)getpid() << 32) ^ (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)p;
+        for (size_t i = 0; i < sizeof uuid->bytes; i++) {
+            seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
+            uuid->bytes[i] = (char)(seed >> 56);
+        }
+        if (fd < 0 || pwrite(fd, uuid->bytes, sizeof uuid->bytes, 0) != (ssize_t)sizeof uuid->bytes)
+            rc = FAIL(E_RT_DRV, "cannot keep the device's uuid in %s: %s", p, strerror(errno));
+    }
+    if (fd >= 0)
+        close(fd);
+    dir_unlock(lk);
+    return rc;
+}
+
+EXPORT aclError aclrtDeviceGetUuid(int32_t deviceId, aclrtUuid *uuid)
+{
+    LOCKED(do_get_uuid(deviceId, uuid));
+}
+
 static aclError do_get_mem_info(aclrtMemAttr attr, size_t *free_, size_t *total)
 {
     aclError rc = ready("aclrtGetMemInfo");
@@ -568,11 +607,11 @@ static aclError do_reserve(void **out, size_t size, size_t alignment, void *expe
         return FAIL(E_INVALID_PARAM, "size is 0");
     if (flags > 1) /* 0, or 1 kept for old callers (CANN's own check) */
         return FAIL(E_INVALID_PARAM, "flags must be 0, got %llu", (unsigned long long)flags);
-    if (alignment != 0 && (alignment & (alignment - 1)) != 0)
-        return FAIL(E_RT_PARAM, "alignment %zu is not 0 or a power of two", alignment);
+    if (alignment != 0) /* "reserved, 0" in CANN's docs: vllm-ascend passes 0 */
+        return FAIL(E_INVALID_PARAM, "alignment must be 0, got %zu", alignment);
     if (size % GRANULARITY != 0)
         return FAIL(E_RT_PARAM, "size %zu is not a multiple of 2 MiB", size);
-    size_t align = alignment > GRANULARITY ? alignment : GRANULARITY;
+    size_t align = GRANULARITY;
     char *base;
     if (expect != NULL) {
         if ((uintptr_t)expect % align != 0)
@@ -986,6 +1025,7 @@ EXPORT int acl_sim_header_mismatches(void)
     SAME(16, offsetof(aclrtPhysicalMemProp, location.type));
     SAME(24, offsetof(aclrtPhysicalMemProp, reserve));
     SAME(4, sizeof(aclrtMemAttr));
+    SAME(16, sizeof(aclrtUuid));
 #undef SAME
     return bad;
 #else

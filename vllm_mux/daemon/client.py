@@ -149,7 +149,10 @@ class Client:
         fields = ({"want": list(want)} if want else {}) | ({"tgid": tgid} if tgid else {})
         reply, fds = self.call("lease", chunks=chunks, **fields)
         ids, intact = reply.get("ids"), reply.get("intact", [])
-        tokens = reply["handles"] if "handles" in reply and not fds else fds
+        tokens = fds
+        if "handles" in reply:  # a device whose chunks travel as handles: no fds are due
+            protocol.close_fds(fds)
+            tokens, fds = reply["handles"], []
         if (
             not isinstance(ids, list)
             or not isinstance(tokens, list)

@@ -50,13 +50,13 @@ class Knobs:
 
     linger_s: float = 0.0
     """Seconds a model in its quantum keeps the device after its queue empties,
-    in case more comes, while another waits. 0 because lingering lost wherever
-    it was measured: in the simulator (docs/benchmarks.md), a linger of one
-    switch cost batched 2-25% of its goodput against none, on a CPU-like
-    device and in a GPU fleet alike, since the waiter's wait is certain and
-    the holder's next request is not. (Ski rental argues for one switch's
-    worth when the holder's gaps are shorter than a switch: set it per model
-    where a model's requests come in trains.)"""
+    in case more comes, while another waits. 0 because in the simulated sweep
+    of docs/benchmarks.md a linger of 1 s cost batched 9-40% of its goodput
+    wherever a switch cost 1 s or less (the GPU kit measured 0.31 s for an 8B
+    model's weights), and doubled or tripled its p99 TTFT everywhere; it won
+    (8-23% more goodput) only with 3 s switches. Ski rental argues for about
+    one switch's worth where a model's requests come in trains: set it per
+    model there."""
 
     max_wait_s: float = 30.0
     """Seconds a request may wait for its model to get the device before every

@@ -246,7 +246,8 @@ class Daemon:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # chunks freed, waiters moved
         self.waiters: list[int] = []  # instance ids waiting for a lease, first come first
-        self.held_up: int | None = None  # the first waiter, while protections hold it up
+        # The first waiter and its need, while protections hold it up (backfill).
+        self.held_up: tuple[int, int] | None = None
         self._hands: dict[int, _Hand] = {}  # instance id -> the control by hand under way
         self._next_id = 1
         self._listener: socket.socket | None = None
@@ -524,7 +525,14 @@ class Daemon:
                 raise ValueError("hello was already said on this connection")
             if message.get("role") != "instance":
                 return self._ok(), None, 0
-            model, key, private, state, held = _hello_fields(message, len(fds))
+            handles = getattr(self.backend, "transport", "fd") == "handle"
+            if handles and fds:
+                raise ValueError(
+                    f"a hello to a daemon of {self.backend.name} chunks brings no fds: they "
+                    "travel as handles"
+                )
+            model, key, private, state, held = _hello_fields(message, None if handles else len(fds))
+            taken = [None] * len(held) if handles else taken
             try:
                 while fds:  # import_ owns the fd from here, whatever happens
                     taken.append(self.backend.import_(fds.pop(), self.pool.chunk_size))
@@ -593,6 +601,13 @@ class Daemon:
                 f"hello names chunks {strangers[:8]} that instance {me.id} (pid {me.pid}) "
                 "does not hold on this daemon's books"
             )
+        lost = [i for i, chunk in zip(held, taken) if self.chunks[i] is None and chunk is None]
+        if lost:  # only a chunk made of an fd can join this daemon's pool
+            raise ValueError(
+                f"hello names chunks {lost[:8]} that an earlier daemon made: {self.backend.name} "
+                "chunks cannot be handed to another daemon (CANN exports an allocation only "
+                "from the process that made it); the instance must restart"
+            )
         gone = sorted(mine - set(held))
         fresh = self._create([i for i in gone if self.chunks[i] is None])
         adopted = 0
@@ -659,11 +674,13 @@ class Daemon:
             ids, intact = self._lease(me, n, want)
             try:
                 handles = [self.backend.grant(self.chunks[i], tgid) for i in ids]
-            except BaseException:  # the lease is not the instance's unless it hears of it
+            except BaseException as e:  # the lease is not the instance's unless it hears of it
                 with self.lock:
                     self.pool.release(me.id, ids)
                     self._save()
                     self.changed.notify_all()
+                if isinstance(e, (RuntimeError, OSError)):  # the driver said no: an answer
+                    raise PoolError(f"cannot let this instance import its chunks: {e}") from None
                 raise
             return self._ok(ids=ids, intact=intact, handles=handles), []
         if op == "release":
@@ -1141,9 +1158,7 @@ class Daemon:
                     starting = me.controller is None and self.pool.held_by(me.id)
                     first_id = self._first_waiter()
                     first = first_id == me.id
-                    # A first waiter held up by protections leaves the free chunks,
-                    # too few for it, to one that fits (policy.Decision.held).
-                    backfill = self.held_up == first_id != me.id
+                    backfill = self._may_backfill(me.id, first_id)
                     if (first or starting or backfill) and n <= len(self.pool.free):
                         intact = self.pool.intact(me.id, want)
                         ids = self.pool.lease(me.id, n, want)
@@ -1172,7 +1187,7 @@ class Daemon:
             with self.lock:
                 self.waiters.remove(me.id)
                 me.wait_since = None
-                if self.held_up == me.id:
+                if self.held_up and self.held_up[0] == me.id:
                     self.held_up = None
                 self.changed.notify_all()
 
@@ -1220,6 +1235,15 @@ class Daemon:
             last_active=max(inst.last_active, report.get("last_active", 0)),
         )
 
+    def _may_backfill(self, me: int, first: int) -> bool:
+        """Whether waiter ``me`` may take free chunks ahead of the first waiter
+        (under the lock): only while the first is held up by protections
+        (policy.Decision.held) and the free chunks are too few for it. A
+        first waiter that changed asks anew before anyone backfills."""
+        if self.held_up and self.held_up[0] != first:
+            self.held_up = None
+        return self.held_up is not None and me != first and len(self.pool.free) < self.held_up[1]
+
     def _first_waiter(self) -> int:
         """The waiter whose lease goes next, by the policy (under the lock)."""
         views = [self._view(self.instances[i]) for i in self.waiters]
@@ -1256,7 +1280,8 @@ class Daemon:
             free = len(self.pool.free)
         decision = self.policy.victims(asker, n, free, views, time.time())
         with self.lock:
-            self.held_up = me.id if decision.held and me.id in self.waiters else None
+            held = decision.held and self._first_waiter() == me.id
+            self.held_up = (me.id, n) if held else None
             self.changed.notify_all()
         for victim in filter(None, map(self.instances.get, decision.sleep)):
             if victim.controller.ask("sleep") and not reports[victim.id].get("draining"):
@@ -1432,9 +1457,10 @@ def _exited(pidfd: int, timeout: float = 0.0) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
-def _hello_fields(message: dict, nfds: int) -> tuple[str, str, int, str, list[int]]:
+def _hello_fields(message: dict, nfds: int | None) -> tuple[str, str, int, str, list[int]]:
     """An instance's hello: its model, key, private bytes, state, and the
-    chunks it says it holds (one fd each came with it), checked."""
+    chunks it says it holds (one fd each came with it; ``nfds`` None: chunks
+    that travel as handles, which bring nothing), checked."""
     model = message.get("model")
     if not isinstance(model, str) or not model:
         raise ValueError("hello from an instance names its model")
@@ -1455,7 +1481,7 @@ def _hello_fields(message: dict, nfds: int) -> tuple[str, str, int, str, list[in
         raise ValueError("held names a list of chunk ids")
     if len(set(held)) != len(held):
         raise ValueError("held names a chunk twice")
-    if len(held) != nfds:
+    if nfds is not None and len(held) != nfds:
         raise ValueError(f"hello names {len(held)} held chunks but brings {nfds} fds: one each")
     if held and state == "asleep":
         raise ValueError("an instance that holds chunks is not asleep")

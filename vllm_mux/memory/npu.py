@@ -33,11 +33,15 @@ Not done on an NPU, and refused or slower rather than faked:
 
 The whitelist: the export flag that skips it
 (ACL_RT_VMM_EXPORT_FLAG_DISABLE_PID_VALIDATION, CANN 9.0) is not used, so
-this works on CANN 8.0, which has no such flag, and only the instances the
+this works on CANN 8.0, which has no such flag, and only processes the
 daemon leased a chunk to may import it. A tgid stays on a chunk's whitelist
-after its lease ends (CANN has no call to remove one); like an fd kept past
-its lease on the other backends, only a process of the daemon's own user
-that ignores the books could use it.
+after its lease ends (CANN has no call to remove one), so a process that
+once held a chunk, or a later process that reuses its pid, could import it
+again behind the books' back if it learns the handle (handles are small
+numbers, not secrets). Whether CANN also checks the importer's uid is not
+documented. The tgid comes with each lease, not with hello as the issue
+had it: the instance learns the device, and so which runtime to ask for
+its tgid, from hello's reply.
 
 The library: ``VLLM_MUX_ASCENDCL`` names the ``libascendcl.so`` to load
 (tests point it at the simulated one). Otherwise the copy already loaded in
@@ -73,13 +77,18 @@ ACL_MEMCPY_HOST_TO_DEVICE = 1
 ACL_MEMCPY_DEVICE_TO_HOST = 2
 
 _handle = ctypes.c_void_p  # aclrtDrvMemHandle
-# The free torch_npu's pluggable allocator calls: free(ptr, size, aclrtStream).
-_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+# The free torch_npu's pluggable allocator calls (NPUPluggableAllocator.h in the
+# torch-npu 2.10.0.post4 wheel): free(ptr, size, int device, aclrtStream).
+_FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
 _error = ctypes.c_int  # aclError
 
 
 class _Location(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint32), ("type", ctypes.c_int)]
+
+
+class _Uuid(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_char * 16)]
 
 
 class _PhysicalMemProp(ctypes.Structure):
@@ -118,6 +127,7 @@ _SIGNATURES = {
     "aclrtMemSetPidToShareableHandle": [ctypes.c_uint64, _P(ctypes.c_int32), ctypes.c_size_t],
     "aclrtMemImportFromShareableHandle": [ctypes.c_uint64, ctypes.c_int32, _P(_handle)],
     "aclrtDeviceGetBareTgid": [_P(ctypes.c_int32)],
+    "aclrtDeviceGetUuid": [ctypes.c_int32, _P(_Uuid)],
     "aclrtMemcpy": [
         ctypes.c_void_p,
         ctypes.c_size_t,
@@ -220,11 +230,11 @@ class Backend:
         tgid = ctypes.c_int32()
         _check(self._lib.aclrtDeviceGetBareTgid(ctypes.byref(tgid)), "aclrtDeviceGetBareTgid")
         self.tgid = tgid.value  # this process, as the whitelists name it
-        # The same NPU has another index under another ASCEND_RT_VISIBLE_DEVICES:
-        # its index among all of the host's is how the daemon and an instance agree.
-        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "").split(",")
-        physical = visible[index].strip() if index < len(visible) and visible[0] else str(index)
-        self.identity = f"NPU-{physical}"
+        # The same NPU has another index in another container or under another
+        # ASCEND_RT_VISIBLE_DEVICES: its UUID is how the daemon and an instance agree.
+        uuid = _Uuid()
+        self._call("aclrtDeviceGetUuid", index, ctypes.byref(uuid))
+        self.identity = "NPU-" + ctypes.string_at(ctypes.addressof(uuid), 16).hex()
         self._mapped: dict[int, int] = {}  # address -> size of each mapped chunk
         self._lock = threading.Lock()
 
@@ -280,9 +290,12 @@ class Backend:
 
     def grant(self, chunk: Chunk, tgid: int) -> int:
         """Let the process ``tgid`` import the chunk; its shareable handle, to
-        send. A process is whitelisted once per chunk."""
-        if tgid not in chunk.tgids:
-            pids = (ctypes.c_int32 * 1)(tgid)
+        send. Whitelisted on every lease: CANN's docs do not say whether an
+        entry outlives the import it let in. Where one was set before, a
+        refusal is taken for "already there" (nor do they say whether a pid
+        may be set twice)."""
+        pids = (ctypes.c_int32 * 1)(tgid)
+        try:
             self._call(
                 "aclrtMemSetPidToShareableHandle",
                 ctypes.c_uint64(chunk.shared),
@@ -290,7 +303,11 @@ class Backend:
                 1,
                 what=f"aclrtMemSetPidToShareableHandle(tgid {tgid})",
             )
-            chunk.tgids.add(tgid)
+        except RuntimeError as e:
+            if tgid not in chunk.tgids:
+                raise
+            log.debug("tgid %d is on the whitelist of %#x already: %s", tgid, chunk.shared, e)
+        chunk.tgids.add(tgid)
         return chunk.shared
 
     # instance side
@@ -318,11 +335,11 @@ class Backend:
     def reserve(self, size: int) -> int:
         self._whole(size, "a reservation")
         addr = ctypes.c_void_p()
-        self._call(
+        self._call(  # alignment 0: "reserved" in CANN's docs, and what vllm-ascend passes
             "aclrtReserveMemAddress",
             ctypes.byref(addr),
             size,
-            self.granularity,
+            0,
             None,
             0,
             what=f"aclrtReserveMemAddress({size})",
@@ -405,9 +422,9 @@ class Backend:
         """A context routing this thread's new NPU tensors to ``heap``
         (``mempool.Allocating``): torch_npu's ``MemPool`` over a pluggable
         allocator (``torch_npu._C._npu_customAllocator``, what
-        ``NPUPluggableAllocator`` wraps and vllm-ascend's camem uses). Its free
-        takes no device: free(ptr, size, stream). torch_npu's pools list no
-        segments, so what a load frees stays in the arena (``_trim``)."""
+        ``NPUPluggableAllocator`` wraps and vllm-ascend's camem uses).
+        torch_npu's pools list no segments, so what a load frees stays in the
+        arena (``mempool.Allocating._trim``)."""
         import torch_npu
         from torch_npu.npu import memory
 
