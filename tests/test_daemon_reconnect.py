@@ -22,7 +22,7 @@ import torch
 from conftest import LiveDaemon, assert_books_balance
 from vllm_mux import instance as instance_module
 from vllm_mux.daemon import protocol
-from vllm_mux.daemon.client import Client, DaemonError
+from vllm_mux.daemon.client import Client, DaemonError, reconnect
 from vllm_mux.instance import Instance
 from vllm_mux.launch import start_daemon
 from vllm_mux.memory.cpu import Backend
@@ -598,3 +598,16 @@ def test_a_copy_handed_over_after_another_of_the_same_bytes_is_swapped_for_it(re
     client.close()
     a.wake()
     assert a.last_wake["tier"] == "host" and torch.equal(ta, expected)
+
+
+def test_a_daemon_that_answers_and_refuses_is_not_said_to_be_gone(tmp_path):
+    daemon = LiveDaemon(str(tmp_path / "r.sock"), 4, CHUNK)
+
+    def refused(client):
+        raise DaemonError("hello names chunks [3] that instance 1 does not hold")
+
+    try:
+        with pytest.raises(DaemonError, match="refused to take us back for 0.3 s .*chunks"):
+            reconnect(daemon.path, refused, 0.3)
+    finally:
+        daemon.stop()

@@ -10,6 +10,7 @@ books: leased + free = total, a sleeping instance holds nothing.
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,27 +48,40 @@ def sim_env(libascendcl, tmp_path) -> dict:
     }
 
 
-@pytest.fixture
-def daemon(sim_env, tmp_path):
-    path = str(tmp_path / "npu.sock")
+def start_daemon(env: dict, path: str, log_path: Path) -> subprocess.Popen:
+    """``vllm-mux daemon --device npu`` on the simulated device, once it answers."""
     argv = [sys.executable, "-m", "vllm_mux.cli", "daemon", "--device", "npu",
             "--device-memory", str(POOL_CHUNKS * CHUNK), "--chunk-size", str(CHUNK),
             "--socket", path, "--host-memory", str(64 << 20), "--wait-timeout", "5"]  # fmt: skip
-    with open(tmp_path / "daemon.log", "w") as log:
-        proc = subprocess.Popen(argv, env=sim_env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the npu daemon did not start:\n{(tmp_path / 'daemon.log').read_text()}")
-        time.sleep(0.05)
-    yield path
+    while True:
+        try:
+            Client(path, timeout=10).close()
+            return proc
+        except DaemonError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the npu daemon did not start:\n{log_path.read_text()}")
+            time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def daemon(sim_env, tmp_path):
+    path = str(tmp_path / "npu.sock")
+    proc = start_daemon(sim_env, path, tmp_path / "daemon.log")
+    yield path
+    stop(proc)
 
 
 class Worker:
@@ -208,6 +222,59 @@ def test_an_instance_reconnects_to_the_same_daemon_holding_its_chunks(daemon, wo
     a.ok("sleep")
     a.ok("wake")
     a.ok("check")
+
+
+def test_an_awake_instance_outlives_a_daemon_restart(sim_env, tmp_path):
+    """The chunks it imported from the dead daemon cannot be handed over: it
+    names them on hello and maps them on; the new daemon keeps those ids as
+    its own and makes them anew once it sleeps; its next wake copies in."""
+    path, log = str(tmp_path / "npu.sock"), tmp_path / "daemon.log"
+    first = start_daemon(sim_env, path, log)
+    a = Worker(path, "a", sim_env | {"VLLM_MUX_RECONNECT_S": "60"})
+    try:
+        a.ok(f"load {WEIGHTS} 8")
+        a.ok(f"kv {CHUNK}")
+        first.kill()  # no goodbye: as a crash
+        first.wait()
+        second = start_daemon(sim_env, path, log)
+        try:
+            deadline = time.monotonic() + 60
+            while not [i for i in books(path)["instances"] if i["state"] == "awake"]:
+                assert time.monotonic() < deadline, "the instance did not come back"
+                time.sleep(0.1)
+            (me,) = books(path)["instances"]
+            assert me["chunks"] == 7
+            a.ok("check")  # its own imports, still mapped
+            a.ok("sleep")
+            assert books(path)["free_chunks"] == POOL_CHUNKS  # made anew, all free
+            a.ok("wake")
+            a.ok("check")
+            assert held(books(path), "a") == 7
+            assert "an earlier daemon made stay its own" in log.read_text()
+        finally:
+            a.close()
+            stop(second)
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
+def identity(env: dict) -> str:
+    code = "from vllm_mux.memory import npu; print(npu.Backend(0).identity)"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.split()[-1]
+
+
+def test_the_device_is_named_by_its_uuid_or_else_its_number(sim_env, tmp_path):
+    named = identity(sim_env)
+    assert re.fullmatch(r"NPU-[0-9a-f]{32}", named) and identity(sim_env) == named
+    # A runtime before CANN 9.0 has no aclrtDeviceGetUuid: the visible number.
+    old = str(build(tmp_path / "cann8", defines=["ACL_SIM_NO_UUID"]))
+    assert identity(sim_env | {"VLLM_MUX_ASCENDCL": old, "ASCEND_RT_VISIBLE_DEVICES": "3"}) == (
+        "NPU-3"
+    )
+    assert identity(sim_env | {"VLLM_MUX_ASCENDCL": old}) == "NPU-0"
 
 
 def test_a_process_never_granted_a_chunk_cannot_import_it(daemon, workers):

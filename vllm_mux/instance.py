@@ -13,8 +13,9 @@ piece's copy running while the next one is mapped.
 The instance outlives its daemon. A thread watches the connection; when it
 breaks (the daemon crashed, or was stopped for an upgrade) it reconnects,
 trying for RECONNECT_S (client.py), and says hello again with the chunks the
-instance still holds, one fd each, for the new daemon's books (see
-daemon/server.py). Meanwhile an awake instance serves on: computing needs no
+instance still holds, one fd each (none where chunks travel as handles: an
+NPU's, which a new daemon makes anew once they are let go), for the new
+daemon's books (see daemon/server.py). Meanwhile an awake instance serves on: computing needs no
 daemon. A sleep goes ahead (it unmaps and lets the chunks go; the next hello
 names only what is still held). Only a lease needs the daemon: it waits for
 it up to GAP_WAIT_S, then fails, and the wake that needed it answers 503 with
@@ -643,7 +644,7 @@ class Instance:
     def _rejoin(self, client: Client) -> None:
         """Say hello on a new connection with the chunks still held (those
         mapped; any others were let go while the daemon was away), one fd
-        each, and make it this instance's connection."""
+        each where chunks travel as fds, and make it this instance's connection."""
         with self._lock:
             arenas = (self.weights, self.kv_cache)
             held = [(i, c) for a in arenas for i, c in zip(self.leases[id(a)], a.chunks)]

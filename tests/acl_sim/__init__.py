@@ -96,13 +96,15 @@ def _compiler() -> str:
     )
 
 
-def build(directory, *, cann_include=None) -> Path:
+def build(directory, *, cann_include=None, defines=()) -> Path:
     """Compile the simulator into ``directory/libascendcl.so`` and return its path.
 
     Rebuilt only when the source or flags change. With ``cann_include`` (a CANN
     include directory holding ``acl/acl.h``), it is compiled against the real
     header instead: the compiler checks every signature, and the library's
     ``acl_sim_header_mismatches()`` compares the constants (0 when all agree).
+    ``defines``: macros for the compiler; ``ACL_SIM_NO_UUID`` leaves out
+    ``aclrtDeviceGetUuid``, as a runtime older than CANN 9.0 does.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,7 @@ def build(directory, *, cann_include=None) -> Path:
     flags = list(FLAGS)
     if cann_include is not None:
         flags += ["-DACL_SIM_REAL_HEADERS", f"-I{cann_include}"]
+    flags += [f"-D{d}" for d in defines]  # e.g. ACL_SIM_NO_UUID: a CANN before 9.0
     digest = hashlib.sha256(SOURCE.read_bytes() + "\0".join(flags).encode()).hexdigest()
     stamp = directory / "libascendcl.so.sha256"
     if out.exists() and stamp.exists() and stamp.read_text() == digest:
@@ -196,6 +199,8 @@ class Acl:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
         for name, argtypes in _SIGNATURES.items():
+            if not hasattr(lib, name):  # aclrtDeviceGetUuid, built without it
+                continue
             fn = getattr(lib, name)
             fn.argtypes = argtypes
             fn.restype = ctypes.c_int

@@ -424,6 +424,7 @@ EXPORT aclError aclrtDeviceGetBareTgid(int32_t *pid)
     return E_OK;
 }
 
+#ifndef ACL_SIM_NO_UUID /* CANN 9.0 added it: -DACL_SIM_NO_UUID is an older runtime */
 /* One simulated device, one UUID: made once in $ACL_SIM_DIR, read by every
  * process sharing it (a device's identity whatever its index there). */
 static aclError do_get_uuid(int32_t deviceId, aclrtUuid *uuid)
@@ -459,6 +460,7 @@ EXPORT aclError aclrtDeviceGetUuid(int32_t deviceId, aclrtUuid *uuid)
 {
     LOCKED(do_get_uuid(deviceId, uuid));
 }
+#endif
 
 static aclError do_get_mem_info(aclrtMemAttr attr, size_t *free_, size_t *total)
 {

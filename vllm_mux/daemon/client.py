@@ -124,7 +124,8 @@ class Client:
 
         Saying hello again on a new connection, after the daemon restarted,
         ``held`` names the chunks the instance still holds and ``fds`` carries
-        one descriptor for each: the daemon takes them back onto its books."""
+        one descriptor for each (none where chunks travel as handles): the
+        daemon takes them back onto its books."""
         fields = {"private_bytes": private_bytes} if private_bytes else {}
         if state is not None:
             fields["state"] = state
@@ -275,6 +276,11 @@ def reconnect(socket_path: str, hello, seconds: float) -> Client:
                 client.close()
                 raise
         if time.monotonic() + pause > deadline:
+            if said:  # it came back, and would not take us
+                raise DaemonError(
+                    f"the vllm-mux daemon at {socket_path} refused to take us back for "
+                    f"{seconds:g} s ({reason})"
+                )
             raise DaemonError(
                 f"the vllm-mux daemon at {socket_path} did not come back in {seconds:g} s "
                 f"({reason})"

@@ -53,8 +53,8 @@ class Knobs:
     in case more comes, while another waits. 0 because in the simulated sweep
     of docs/benchmarks.md a linger of 1 s cost batched 9-40% of its goodput
     wherever a switch cost 1 s or less (the GPU kit measured 0.31 s for an 8B
-    model's weights), and doubled or tripled its p99 TTFT everywhere; it won
-    (8-23% more goodput) only with 3 s switches. Ski rental argues for about
+    model's weights), and made its p99 TTFT 1.3-4.6 times longer everywhere;
+    it won (8-23% more goodput) only with 3 s switches. Ski rental argues for about
     one switch's worth where a model's requests come in trains: set it per
     model there."""
 

@@ -601,13 +601,11 @@ class Daemon:
                 f"hello names chunks {strangers[:8]} that instance {me.id} (pid {me.pid}) "
                 "does not hold on this daemon's books"
             )
-        lost = [i for i, chunk in zip(held, taken) if self.chunks[i] is None and chunk is None]
-        if lost:  # only a chunk made of an fd can join this daemon's pool
-            raise ValueError(
-                f"hello names chunks {lost[:8]} that an earlier daemon made: {self.backend.name} "
-                "chunks cannot be handed to another daemon (CANN exports an allocation only "
-                "from the process that made it); the instance must restart"
-            )
+        # Chunks that travel as handles cannot be handed to this daemon (CANN exports
+        # an allocation only from the process that made it): where an earlier daemon
+        # made them, the instance keeps mapping its own imports, the books keep the
+        # ids as its, and they are made anew when it lets them go (the release op).
+        unmade = sum(self.chunks[i] is None and chunk is None for i, chunk in zip(held, taken))
         gone = sorted(mine - set(held))
         fresh = self._create([i for i in gone if self.chunks[i] is None])
         adopted = 0
@@ -625,13 +623,15 @@ class Daemon:
         self.changed.notify_all()
         log.warning(
             "instance %d (pid %d, %s) reconnected holding %d chunks (%d taken back from it); "
-            "%d it no longer holds are free",
+            "%d it no longer holds are free; %d an earlier daemon made stay its own, made "
+            "anew when it lets them go",
             me.id,
             me.pid,
             me.model,
             len(held),
             adopted,
             len(gone),
+            unmade,
         )
 
     def _create(self, ids: list[int]) -> dict:
@@ -675,8 +675,9 @@ class Daemon:
             try:
                 handles = [self.backend.grant(self.chunks[i], tgid) for i in ids]
             except BaseException as e:  # the lease is not the instance's unless it hears of it
-                with self.lock:
-                    self.pool.release(me.id, ids)
+                with self.lock:  # those that came back untouched stay warm for it
+                    self.pool.release(me.id, [i for i in ids if i not in intact])
+                    self.pool.release(me.id, [i for i in ids if i in intact], keep=True)
                     self._save()
                     self.changed.notify_all()
                 if isinstance(e, (RuntimeError, OSError)):  # the driver said no: an answer
@@ -688,7 +689,17 @@ class Daemon:
             if not isinstance(ids, list) or not all(type(i) is int for i in ids):
                 raise ValueError("release names a list of chunk ids")
             with self.lock:
-                self.pool.release(me.id, ids, keep=message.get("keep") is True)
+                mine = set(self.pool.held_by(me.id))
+                if len(set(ids)) != len(ids) or not mine.issuperset(ids):
+                    self.pool.release(me.id, ids)  # refuses it, saying why, before anything
+                # Held across a restart of this daemon without a chunk here (see
+                # _adopt): made now, their bytes not the instance's.
+                fresh = self._create([i for i in ids if i in mine and self.chunks[i] is None])
+                for i, chunk in fresh.items():
+                    self.chunks[i] = chunk
+                keep = message.get("keep") is True
+                self.pool.release(me.id, [i for i in ids if i not in fresh], keep=keep)
+                self.pool.release(me.id, list(fresh))
                 self._save()
                 self.changed.notify_all()
             return self._ok(), []
@@ -1280,8 +1291,10 @@ class Daemon:
             free = len(self.pool.free)
         decision = self.policy.victims(asker, n, free, views, time.time())
         with self.lock:
-            held = decision.held and self._first_waiter() == me.id
-            self.held_up = (me.id, n) if held else None
+            if decision.held and self._first_waiter() == me.id:
+                self.held_up = (me.id, n)
+            elif self.held_up and self.held_up[0] == me.id:
+                self.held_up = None  # not held any more, or not first
             self.changed.notify_all()
         for victim in filter(None, map(self.instances.get, decision.sleep)):
             if victim.controller.ask("sleep") and not reports[victim.id].get("draining"):

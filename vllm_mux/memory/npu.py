@@ -23,9 +23,10 @@ once every holder has freed it, so the daemon's books, pidfd liveness checks
 and arbitration stay as they are: one mapper per chunk.
 
 Not done on an NPU, and refused or slower rather than faked:
-- ``share``: an imported handle cannot be exported again and the dead
-  daemon that exported it cannot whitelist anyone, so instances cannot hand
-  their chunks to a restarted daemon (they fail their reconnect and say so).
+- ``share``: an imported handle cannot be exported again, so an instance
+  cannot hand its chunks to a restarted daemon: it names them on hello and
+  keeps mapping its own imports; the new daemon makes those chunks anew
+  when it lets them go (its sleep), and the wake after copies in.
 - ``pin``: host copies stay pageable (the instance logs it): CANN's
   host-registration call was not checked against the header.
 - ``copy_in`` copies with ``aclrtMemcpy`` synchronously, piece by piece, so
@@ -34,14 +35,14 @@ Not done on an NPU, and refused or slower rather than faked:
 The whitelist: the export flag that skips it
 (ACL_RT_VMM_EXPORT_FLAG_DISABLE_PID_VALIDATION, CANN 9.0) is not used, so
 this works on CANN 8.0, which has no such flag, and only processes the
-daemon leased a chunk to may import it. A tgid stays on a chunk's whitelist
-after its lease ends (CANN has no call to remove one), so a process that
-once held a chunk, or a later process that reuses its pid, could import it
-again behind the books' back if it learns the handle (handles are small
-numbers, not secrets). Whether CANN also checks the importer's uid is not
-documented. The tgid comes with each lease, not with hello as the issue
-had it: the instance learns the device, and so which runtime to ask for
-its tgid, from hello's reply.
+daemon leased a chunk to may import it. The API has no call to take a tgid
+off a whitelist, so a process that once held a chunk could import it again
+behind the books' back if it learns the handle (handles are small numbers,
+not secrets); a later process reusing its pid could not, if the driver
+behaves as its source reads (an entry older than the importer is refused;
+not run). The tgid comes with each lease, not with hello as the issue had
+it: the instance learns the device, and so which runtime to ask for its
+tgid, from hello's reply.
 
 The library: ``VLLM_MUX_ASCENDCL`` names the ``libascendcl.so`` to load
 (tests point it at the simulated one). Otherwise the copy already loaded in
@@ -127,7 +128,6 @@ _SIGNATURES = {
     "aclrtMemSetPidToShareableHandle": [ctypes.c_uint64, _P(ctypes.c_int32), ctypes.c_size_t],
     "aclrtMemImportFromShareableHandle": [ctypes.c_uint64, ctypes.c_int32, _P(_handle)],
     "aclrtDeviceGetBareTgid": [_P(ctypes.c_int32)],
-    "aclrtDeviceGetUuid": [ctypes.c_int32, _P(_Uuid)],
     "aclrtMemcpy": [
         ctypes.c_void_p,
         ctypes.c_size_t,
@@ -137,6 +137,8 @@ _SIGNATURES = {
     ],
     "aclrtSynchronizeDevice": [],
 }
+# Calls a runtime may lack: aclrtDeviceGetUuid is new in CANN 9.0.
+_OPTIONAL = {"aclrtDeviceGetUuid": [ctypes.c_int32, _P(_Uuid)]}
 
 
 def library_path() -> str:
@@ -171,9 +173,16 @@ def _load():
                     f"the npu memory backend needs CANN's libascendcl.so ({e}); install the "
                     f"CANN toolkit and source its set_env.sh, or set {LIBRARY_ENV}"
                 ) from None
-            for name, argtypes in _SIGNATURES.items():
-                call = getattr(lib, name)
-                call.argtypes, call.restype = argtypes, _error
+            missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
+            if missing:
+                raise RuntimeError(
+                    f"{path} lacks {', '.join(missing)}: the npu memory backend needs CANN's "
+                    "virtual memory API with shareable handles (CANN 8.0 or later)"
+                )
+            for name, argtypes in (_SIGNATURES | _OPTIONAL).items():
+                if hasattr(lib, name):
+                    call = getattr(lib, name)
+                    call.argtypes, call.restype = argtypes, _error
             lib.aclGetRecentErrMsg.argtypes, lib.aclGetRecentErrMsg.restype = [], ctypes.c_char_p
             _lib = lib
         return _lib
@@ -230,13 +239,26 @@ class Backend:
         tgid = ctypes.c_int32()
         _check(self._lib.aclrtDeviceGetBareTgid(ctypes.byref(tgid)), "aclrtDeviceGetBareTgid")
         self.tgid = tgid.value  # this process, as the whitelists name it
-        # The same NPU has another index in another container or under another
-        # ASCEND_RT_VISIBLE_DEVICES: its UUID is how the daemon and an instance agree.
-        uuid = _Uuid()
-        self._call("aclrtDeviceGetUuid", index, ctypes.byref(uuid))
-        self.identity = "NPU-" + ctypes.string_at(ctypes.addressof(uuid), 16).hex()
+        self.identity = self._identity()
         self._mapped: dict[int, int] = {}  # address -> size of each mapped chunk
         self._lock = threading.Lock()
+
+    def _identity(self) -> str:
+        """How the daemon and an instance agree on the NPU, whose index differs
+        in another container or under another ASCEND_RT_VISIBLE_DEVICES: its
+        UUID (CANN 9.0+, as torch_npu asks it: where the runtime lacks the
+        call or the driver refuses it, its number among the host's visible
+        devices, which two containers given different cards as their device 0
+        cannot tell apart)."""
+        if hasattr(self._lib, "aclrtDeviceGetUuid"):
+            uuid = _Uuid()
+            self._device()
+            if self._lib.aclrtDeviceGetUuid(self.index, ctypes.byref(uuid)) == ACL_SUCCESS:
+                return "NPU-" + ctypes.string_at(ctypes.addressof(uuid), 16).hex()
+            self._lib.aclGetRecentErrMsg()  # the refusal's message, not the next error's
+        visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES", "").split(",")
+        physical = visible[self.index].strip() if self.index < len(visible) and visible[0] else ""
+        return f"NPU-{physical or self.index}"
 
     def _device(self) -> None:
         """CANN binds a device to each thread: bind this one once."""
@@ -320,12 +342,6 @@ class Backend:
             ctypes.byref(handle),
         )
         return Chunk(handle.value, size, shared)
-
-    def share(self, chunk: Chunk) -> int:
-        raise RuntimeError(
-            "an NPU chunk cannot be handed to a restarted daemon: CANN exports an "
-            "allocation only from the process that made it, and that daemon is gone"
-        )
 
     def release(self, chunk: Chunk) -> None:
         """Free this process's import (after unmapping): the next import of
