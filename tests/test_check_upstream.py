@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pypi_file
 from vllm_mux.patches import cpu_worker
 
 TOOL = Path(__file__).parents[1] / "tools" / "check_upstream.py"
@@ -61,53 +62,33 @@ SDISTS = {  # PyPI's sdists, unpacked, never built
 
 
 def _fetch_sdist(project: str, filename: str, into: Path) -> Path:
-    """Download one sdist from PyPI's simple index (JSON, PEP 691), check its
-    sha256, and unpack its Python package and PKG-INFO. (``pip download
-    --no-binary :all:`` would try to build the sdists' build dependencies,
-    numpy and torch among them, from source just to read their metadata.)"""
-    import hashlib
-    import json
+    """One sdist from PyPI (``conftest.pypi_file``), its Python package and
+    PKG-INFO unpacked. (``pip download --no-binary :all:`` would try to build
+    the sdists' build dependencies, numpy and torch among them, from source
+    just to read their metadata.)"""
     import tarfile
-    import urllib.request
 
     top = filename.removesuffix(".tar.gz")
     if (into / top / "PKG-INFO").is_file():
         return into / top
-    request = urllib.request.Request(
-        f"https://pypi.org/simple/{project}/",
-        headers={"Accept": "application/vnd.pypi.simple.v1+json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        files = json.load(reply)["files"]
-    entry = next(f for f in files if f["filename"] == filename)
-    archive = into / filename
-    with urllib.request.urlopen(entry["url"], timeout=120) as reply:
-        archive.write_bytes(reply.read())
-    assert hashlib.sha256(archive.read_bytes()).hexdigest() == entry["hashes"]["sha256"]
     package = project.replace("-", "_")
-    with tarfile.open(archive) as tar:
+    with tarfile.open(pypi_file(project, filename)) as tar:
         members = [
             m
             for m in tar.getmembers()
             if m.name == f"{top}/PKG-INFO" or m.name.startswith(f"{top}/{package}/")
         ]
         tar.extractall(into, members=members, filter="data")
-    archive.unlink()
     return into / top
 
 
 @pytest.fixture(scope="module")
 def npu_sources() -> Path:
-    import urllib.error
-
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vllm-mux-test"
     into = cache / "npu-src"
     into.mkdir(parents=True, exist_ok=True)
-    try:
-        for project, filename in SDISTS.items():
-            _fetch_sdist(project, filename, into)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-        pytest.skip(f"PyPI is unreachable, cannot fetch the vllm-ascend/vLLM 0.23 sdists: {e}")
+    for project, filename in SDISTS.items():
+        _fetch_sdist(project, filename, into)  # skips, saying why, if PyPI is unreachable
     return into
 
 

@@ -352,3 +352,17 @@ def test_prefault_false_maps_lazily_but_correctly(be, arenas):
     a.map([chunk])
     assert ctypes.string_at(a.base, 4) == b"lazy"
     assert bytes(a.alloc(4).tolist()) == b"lazy"
+
+
+def test_whole_chunk_mappings_are_unmapped_whole_or_not_at_all():
+    from vllm_mux.memory.mappings import Mappings
+
+    m = Mappings("CANN")
+    for k in range(4):
+        m.add(0x200000 * (k + 1), 0x200000)
+    assert m.inside(0x400000, 0x400000) == [(0x400000, 0x200000), (0x600000, 0x200000)]
+    assert m.inside(0x1000000, 0x200000) == []  # nothing mapped there
+    with pytest.raises(ValueError, match="would cut the chunk mapped at .*CANN unmaps whole"):
+        m.inside(0x300000, 0x200000)
+    m.remove(0x400000)
+    assert m.inside(0, 0x1000000) == [(a, 0x200000) for a in (0x200000, 0x600000, 0x800000)]

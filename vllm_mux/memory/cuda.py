@@ -33,12 +33,12 @@ the cpu backend never imports it.
 import ctypes
 import logging
 import os
-import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from vllm_mux.memory import mempool
+from vllm_mux.memory.mappings import Mappings
 
 try:
     from cuda.bindings import driver
@@ -154,8 +154,7 @@ class Backend:
         # CUDA_VISIBLE_DEVICES: its UUID (as nvidia-smi -L writes it) is how the
         # daemon and an instance agree on it.
         self.identity = f"GPU-{uuid.UUID(bytes=raw)}"
-        self._mapped: dict[int, int] = {}  # address -> size of each mapped chunk
-        self._lock = threading.Lock()
+        self._mapped = Mappings("CUDA")
         self._stream = None  # copy_in's side stream, made on first use
 
     @contextmanager
@@ -273,7 +272,7 @@ class Backend:
         ``prefault`` means nothing here: cuMemMap and cuMemSetAccess build the
         GPU page tables for the whole chunk at once; there are no lazy faults.
         """
-        with self._lock, self._current():
+        with self._mapped.lock, self._current():
             _check(
                 driver.cuMemMap(addr, chunk.size, 0, chunk.handle, 0),
                 f"cuMemMap({addr:#x}, {chunk.size})",
@@ -286,29 +285,17 @@ class Backend:
             except BaseException:
                 _check(driver.cuMemUnmap(addr, chunk.size), "cuMemUnmap")
                 raise
-            self._mapped[addr] = chunk.size
+            self._mapped.add(addr, chunk.size)
 
     def unmap(self, addr: int, size: int) -> None:
         """Unmap every chunk mapped in ``[addr, addr + size)``; the range stays reserved.
 
         The range must not cut a chunk's mapping: CUDA cannot unmap part of one.
         """
-        end = addr + size
-        with self._lock:
-            inside = []
-            for start, length in sorted(self._mapped.items()):
-                if start >= end or start + length <= addr:
-                    continue
-                if start < addr or start + length > end:
-                    raise ValueError(
-                        f"unmap of [{addr:#x}, {end:#x}) would cut the chunk mapped at "
-                        f"[{start:#x}, {start + length:#x}): CUDA unmaps whole chunks only"
-                    )
-                inside.append((start, length))
-            with self._current():
-                for start, length in inside:
-                    _check(driver.cuMemUnmap(start, length), f"cuMemUnmap({start:#x}, {length})")
-                    del self._mapped[start]
+        with self._mapped.lock, self._current():
+            for start, length in self._mapped.inside(addr, size):
+                _check(driver.cuMemUnmap(start, length), f"cuMemUnmap({start:#x}, {length})")
+                self._mapped.remove(start)
 
     def synchronize(self) -> None:
         """Wait for all work on the device's primary context (torch's streams too)."""

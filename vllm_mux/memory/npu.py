@@ -60,6 +60,7 @@ import threading
 from dataclasses import dataclass, field
 
 from vllm_mux.memory import mempool
+from vllm_mux.memory.mappings import Mappings
 
 log = logging.getLogger("vllm_mux.memory.npu")
 
@@ -240,8 +241,7 @@ class Backend:
         _check(self._lib.aclrtDeviceGetBareTgid(ctypes.byref(tgid)), "aclrtDeviceGetBareTgid")
         self.tgid = tgid.value  # this process, as the whitelists name it
         self.identity = self._identity()
-        self._mapped: dict[int, int] = {}  # address -> size of each mapped chunk
-        self._lock = threading.Lock()
+        self._mapped = Mappings("CANN")
 
     def _identity(self) -> str:
         """How the daemon and an instance agree on the NPU, whose index differs
@@ -370,7 +370,7 @@ class Backend:
     def map(self, chunk: Chunk, addr: int, prefault: bool = True) -> None:
         """Map the whole chunk at ``addr``: CANN maps an allocation whole, from
         offset 0, read-write. ``prefault`` means nothing: no lazy faults."""
-        with self._lock:
+        with self._mapped.lock:
             self._call(
                 "aclrtMapMem",
                 ctypes.c_void_p(addr),
@@ -380,29 +380,18 @@ class Backend:
                 0,
                 what=f"aclrtMapMem({addr:#x}, {chunk.size})",
             )
-            self._mapped[addr] = chunk.size
+            self._mapped.add(addr, chunk.size)
 
     def unmap(self, addr: int, size: int) -> None:
         """Unmap every chunk mapped in ``[addr, addr + size)``; the range stays
         reserved. ``aclrtUnmapMem`` takes an address only, so the range must
         not cut a chunk's mapping."""
-        end = addr + size
-        with self._lock:
-            inside = []
-            for start, length in sorted(self._mapped.items()):
-                if start >= end or start + length <= addr:
-                    continue
-                if start < addr or start + length > end:
-                    raise ValueError(
-                        f"unmap of [{addr:#x}, {end:#x}) would cut the chunk mapped at "
-                        f"[{start:#x}, {start + length:#x}): CANN unmaps whole chunks only"
-                    )
-                inside.append(start)
-            for start in inside:
+        with self._mapped.lock:
+            for start, _ in self._mapped.inside(addr, size):
                 self._call(
                     "aclrtUnmapMem", ctypes.c_void_p(start), what=f"aclrtUnmapMem({start:#x})"
                 )
-                del self._mapped[start]
+                self._mapped.remove(start)
 
     def synchronize(self) -> None:
         self._call("aclrtSynchronizeDevice")

@@ -38,8 +38,6 @@ every restore for want of the same hook.
 import logging
 from concurrent.futures import Future
 
-from vllm_mux.worker import SLEEP_MODE_BACKEND
-
 log = logging.getLogger("vllm_mux.engine_core")
 
 # Upstream symbols this patch replaces or relies on -> sha256 of their source.
@@ -65,21 +63,22 @@ UNCHECKED, STALE = "unchecked", "stale"
 
 def uses_mux_sleep_mode(worker) -> bool:
     """Run in each worker's process by ``collective_rpc``."""
+    from vllm_mux.worker import SLEEP_MODE_BACKEND  # vLLM 0.32's registry: not at import
+
     worker = getattr(worker, "worker", worker)  # the WorkerWrapperBase's worker
     return getattr(worker.vllm_config.model_config, "sleep_mode_backend", None) == (
         SLEEP_MODE_BACKEND
     )
 
 
-def apply() -> None:
-    from vllm.v1.engine.core import EngineCore
-
-    upstream_sleep = EngineCore.sleep
-    upstream_wake_up = EngineCore.wake_up
+def sleep_keeping_caches(upstream_sleep, warm_sleep):
+    """``EngineCore.sleep`` that keeps the caches at level 1 when
+    ``warm_sleep(engine)`` says every worker sleeps through vllm-mux (shared
+    with ``engine_core_v023``)."""
 
     def sleep(self, level: int = 1, mode="abort"):
         # Level 2 says the weights will be reloaded (or replaced): upstream's reset.
-        if level != 1 or not _warm_sleep(self):
+        if level != 1 or not warm_sleep(self):
             return upstream_sleep(self, level, mode)
         pause = self.pause_scheduler
 
@@ -105,25 +104,39 @@ def apply() -> None:
             result.add_done_callback(failed)
         return result
 
+    return sleep
+
+
+def resume_checking_caches(engine, was_asleep: bool):
+    """A stand-in for ``engine.resume_scheduler`` for upstream's wake_up to
+    call: before scheduling resumes, the caches are kept if every worker got
+    its KV cache back untouched, else reset as upstream's sleep would have."""
+    resume = engine.resume_scheduler
+
+    def resume_with_checked_caches() -> None:
+        if was_asleep and getattr(engine, STATE) == UNCHECKED:
+            setattr(engine, STATE, None if _kv_intact(engine) else STALE)
+            if getattr(engine, STATE) is None:
+                log.info("vllm-mux: the KV cache survived the sleep; prefix cache kept")
+        if getattr(engine, STATE) == STALE:
+            log.info("vllm-mux: the KV cache did not survive the sleep; resetting caches")
+            engine._reset_caches()
+            setattr(engine, STATE, None)
+        resume()
+
+    return resume_with_checked_caches
+
+
+def apply() -> None:
+    from vllm.v1.engine.core import EngineCore
+
+    upstream_wake_up = EngineCore.wake_up
+
     def wake_up(self, tags: list[str] | None = None) -> bool:
         if getattr(self, STATE, None) is None:
             return upstream_wake_up(self, tags)
-        was_asleep = self.model_executor.is_sleeping
-        resume = self.resume_scheduler
-
-        def resume_with_checked_caches() -> None:
-            # Upstream calls this once the executor is fully awake.
-            if was_asleep and getattr(self, STATE) == UNCHECKED:
-                setattr(self, STATE, None if _kv_intact(self) else STALE)
-                if getattr(self, STATE) is None:
-                    log.info("vllm-mux: the KV cache survived the sleep; prefix cache kept")
-            if getattr(self, STATE) == STALE:
-                log.info("vllm-mux: the KV cache did not survive the sleep; resetting caches")
-                self._reset_caches()
-                setattr(self, STATE, None)
-            resume()
-
-        self.resume_scheduler = resume_with_checked_caches
+        # Upstream calls resume_scheduler once the executor is fully awake.
+        self.resume_scheduler = resume_checking_caches(self, self.model_executor.is_sleeping)
         try:
             fully_awake = upstream_wake_up(self, tags)
         except BaseException:
@@ -139,17 +152,17 @@ def apply() -> None:
             setattr(self, STATE, STALE)
         return fully_awake
 
-    EngineCore.sleep = sleep
+    EngineCore.sleep = sleep_keeping_caches(EngineCore.sleep, _warm_sleep)
     EngineCore.wake_up = wake_up
 
 
-def _warm_sleep(engine) -> bool:
-    """Whether every worker sleeps through vllm-mux's backend (asked once:
-    the backend is chosen at load and never changes)."""
+def _warm_sleep(engine, ask=uses_mux_sleep_mode) -> bool:
+    """Whether every worker sleeps through vllm-mux, ``ask``-ed of each (once:
+    how a worker sleeps is chosen at load and never changes)."""
     known = getattr(engine, "_mux_warm_sleep", None)
     if known is None:
         try:
-            known = all(engine.model_executor.collective_rpc(uses_mux_sleep_mode))
+            known = all(engine.model_executor.collective_rpc(ask))
         except Exception as e:  # a worker that cannot say: upstream's sleep
             log.warning("vllm-mux: cannot ask the workers for their sleep mode (%s)", e)
             return False

@@ -27,10 +27,16 @@ Upstream: as ``engine_core``: a ``preserves_kv_cache`` hook on sleep-mode
 backends; vLLM 0.23 has no such backends at all.
 """
 
-import logging
-from concurrent.futures import Future
+import functools
 
-log = logging.getLogger("vllm_mux.engine_core")
+from vllm_mux.patches.engine_core import (
+    STALE,
+    STATE,
+    _reset,
+    _warm_sleep,
+    resume_checking_caches,
+    sleep_keeping_caches,
+)
 
 _CORE = "vllm.v1.engine.core"
 # Upstream symbols this patch replaces or relies on -> sha256 of their source in vLLM 0.23.0.
@@ -46,42 +52,11 @@ TARGETS = {
     "vllm.v1.executor.abstract.Executor.wake_up": "a8ff8dfbff50540c",
 }
 
-STATE = "_mux_prefix_cache"
-UNCHECKED, STALE = "unchecked", "stale"
-
 
 def apply() -> None:
     from vllm.v1.engine.core import EngineCore
 
-    upstream_sleep = EngineCore.sleep
     upstream_wake_up = EngineCore.wake_up
-
-    def sleep(self, level: int = 1, mode="abort"):
-        if level != 1 or not _warm_sleep(self):
-            return upstream_sleep(self, level, mode)
-        pause = self.pause_scheduler
-
-        def pause_keeping_caches(mode="abort", clear_cache: bool = True):
-            return pause(mode=mode, clear_cache=False)
-
-        if getattr(self, STATE, None) is None:
-            setattr(self, STATE, UNCHECKED)
-        self.pause_scheduler = pause_keeping_caches
-        try:
-            result = upstream_sleep(self, level, mode)
-        except BaseException:
-            _reset(self, "the sleep failed")
-            raise
-        finally:
-            del self.pause_scheduler
-        if isinstance(result, Future):
-
-            def failed(future: Future) -> None:
-                if future.cancelled() or future.exception() is not None:
-                    _reset(self, "the sleep failed")
-
-            result.add_done_callback(failed)
-        return result
 
     def wake_up(self, tags: list[str] | None = None):
         if getattr(self, STATE, None) is None:
@@ -89,20 +64,8 @@ def apply() -> None:
         was_asleep = self.model_executor.is_sleeping
         if tags is not None and any(tag != "scheduling" for tag in tags):
             setattr(self, STATE, STALE)  # a partial wake: weights may be replaced
-        resume = self.resume_scheduler
-
-        def resume_with_checked_caches() -> None:
-            if was_asleep and getattr(self, STATE) == UNCHECKED:
-                setattr(self, STATE, None if _kv_intact(self) else STALE)
-                if getattr(self, STATE) is None:
-                    log.info("vllm-mux: the KV cache survived the sleep; prefix cache kept")
-            if getattr(self, STATE) == STALE:
-                log.info("vllm-mux: the KV cache did not survive the sleep; resetting caches")
-                self._reset_caches()
-                setattr(self, STATE, None)
-            resume()
-
-        self.resume_scheduler = resume_with_checked_caches
+        # 0.23 resumes scheduling after the executor's wake, whatever it woke.
+        self.resume_scheduler = resume_checking_caches(self, was_asleep)
         try:
             return upstream_wake_up(self, tags)
         except BaseException:
@@ -111,38 +74,7 @@ def apply() -> None:
         finally:
             del self.resume_scheduler
 
-    EngineCore.sleep = sleep
+    # The NPU worker says how it sleeps (npu_worker.mux_sleep_mode): no registry in 0.23.
+    warm_sleep = functools.partial(_warm_sleep, ask="mux_sleep_mode")
+    EngineCore.sleep = sleep_keeping_caches(EngineCore.sleep, warm_sleep)
     EngineCore.wake_up = wake_up
-
-
-def _warm_sleep(engine) -> bool:
-    """Whether every worker sleeps through vllm-mux (asked once)."""
-    known = getattr(engine, "_mux_warm_sleep", None)
-    if known is None:
-        try:
-            known = all(engine.model_executor.collective_rpc("mux_sleep_mode"))
-        except Exception as e:  # a worker without the method: upstream's sleep
-            log.warning("vllm-mux: cannot ask the workers for their sleep mode (%s)", e)
-            return False
-        engine._mux_warm_sleep = known
-    return known
-
-
-def _kv_intact(engine) -> bool:
-    try:
-        return all(engine.model_executor.collective_rpc("mux_kv_intact"))
-    except Exception as e:
-        log.warning("vllm-mux: cannot ask the workers whether the KV cache survived (%s)", e)
-        return False
-
-
-def _reset(engine, why: str) -> None:
-    if getattr(engine, STATE, None) is None:
-        return
-    setattr(engine, STATE, STALE)
-    try:
-        engine._reset_caches()
-    except Exception as e:
-        log.warning("vllm-mux: %s and the caches could not be reset yet (%s)", why, e)
-        return
-    setattr(engine, STATE, None)
