@@ -312,7 +312,9 @@ def test_an_engine_dying_under_a_request_is_a_503(patched_client):
     asyncio.run(main())
 
 
-def test_built_outside_a_loop_it_passes_through():
+def test_built_outside_a_loop_it_passes_through(monkeypatch):
+    # Patching sets VLLM_MUX_INSTANCE if unset: not in this process's environment for good.
+    monkeypatch.setenv("VLLM_MUX_INSTANCE", "outside")
     cls = type("Unpatched", (FakeClient,), {})
     async_llm.patch_engine_client(cls, RuntimeError, EngineDead, woke=None)
     client = cls()  # no running loop: no controller, upstream's behaviour

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -177,6 +178,10 @@ class VllmServer(Process):
             env["VLLM_MUX_SOCKET"] = socket_path
         else:
             env["VLLM_MUX_SOCKET"] = ""  # plain vLLM, even inside a configured shell
+        # The key that joins this instance's worker and controller: its own, never
+        # one inherited from our environment, which would join every instance to
+        # one controller after another (each replacing the last).
+        env["VLLM_MUX_INSTANCE"] = uuid.uuid4().hex
         super().__init__(argv, log, env)
 
     def wait_ready(self, timeout: float = 900, poll: float = 0.5) -> "VllmServer":
