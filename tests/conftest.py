@@ -438,3 +438,12 @@ def cann_include(tmp_path_factory) -> Path:
     include = into / CANN_INCLUDE
     assert (include / "acl" / "acl_rt.h").is_file()
     return include
+
+
+@pytest.fixture(autouse=True)
+def no_instance_key_left_behind():
+    """VLLM_MUX_INSTANCE set in this process would be inherited by every vLLM
+    a later test starts (see test_launch): no test may leave it set."""
+    before = os.environ.get("VLLM_MUX_INSTANCE")
+    yield
+    assert os.environ.get("VLLM_MUX_INSTANCE") == before, "a test left VLLM_MUX_INSTANCE set"
