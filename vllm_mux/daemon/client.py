@@ -261,14 +261,14 @@ def reconnect(socket_path: str, hello, seconds: float) -> Client:
         try:
             client = Client(socket_path, timeout=None)
         except DaemonError as e:
-            reason = e
+            reason, refused = e, False
         else:
             try:
                 hello(client)
                 return client
             except DaemonError as e:
                 client.close()
-                reason = e
+                reason, refused = e, True
                 if str(e) != said:  # a daemon that answers, and refuses: say why, once
                     log.warning("the daemon at %s refused to take us back: %s", socket_path, e)
                     said = str(e)
@@ -276,7 +276,7 @@ def reconnect(socket_path: str, hello, seconds: float) -> Client:
                 client.close()
                 raise
         if time.monotonic() + pause > deadline:
-            if said:  # it came back, and would not take us
+            if refused:  # it came back, and would not take us
                 raise DaemonError(
                     f"the vllm-mux daemon at {socket_path} refused to take us back for "
                     f"{seconds:g} s ({reason})"
