@@ -222,6 +222,7 @@ def test_an_instance_reconnects_to_the_same_daemon_holding_its_chunks(daemon, wo
     a.ok("sleep")
     a.ok("wake")
     a.ok("check")
+    assert held(books(daemon), "a") == 7
 
 
 def test_an_awake_instance_outlives_a_daemon_restart(sim_env, tmp_path):
