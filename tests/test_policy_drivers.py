@@ -105,14 +105,18 @@ BOUND = {
 }  # fmt: skip
 
 
-# Backfill: a pool of 12 holds a, b and d (4 each). w (6) asks at 1.0: under
-# batched, idle d and busy a (its quantum of 0.8 s over) go for it, and w
-# takes 6 of their 8 chunks once a's request ends (3.5). big (8) asked at 1.5
-# and is next: short by 6, with b (busy, 4) the only one it may take and w in
-# its quantum, it is held up; so c (2), asking at 2.0, takes the 2 chunks left
-# free at once (backfill) instead of waiting behind big. big's wait bound
-# (4 s) passes at 5.5: every protection gives way, and w and c go for it.
-# Under switch-per-request c waits behind big, which asks b and w at once.
+# Backfill: a pool of 12 holds a, b and d (4 each); a's and b's first
+# requests end at 0.1 and 0.3. w (6) asks at 1.5: idle d and busy a (under
+# batched, its quantum of 0.8 s over) go for it, and w takes 6 of their 8
+# chunks once a's request ends (3.5), and is busy till 5.0. big (8) asks at
+# 4.0: under batched it is short by 6, with b (busy till 5.4, 4 chunks) the
+# only one it may take and w in its quantum: held up. So c (2), asking at
+# 4.5, takes the 2 chunks left free at once (backfill) instead of waiting
+# behind big; at 5.0, with c idle since 4.8 and w now idle, those two go
+# for big. Under switch-per-request big asks busy b and w at once (the least
+# recently active first), and c waits behind big.
+# The arrivals are 0.5 s or more apart, busy models were busy a second before
+# anyone asks, and the last activities that order victims are 0.2 s apart.
 BACKFILL = {
     "pool": 12,
     "models": {  # name: (pinned, knobs, chunks)
@@ -124,23 +128,24 @@ BACKFILL = {
         "c": (False, KNOBS, 2),
     },
     "trace": [
-        *(request(0.0, m, 0.1) for m in ("a", "b", "d") for _ in range(2)),
-        request(0.5, "a", 3.0),
-        request(0.6, "b", 4.0),
-        request(1.0, "w", 0.3),
-        request(1.5, "big", 0.3),
-        request(2.0, "c", 0.3),
+        *(request(0.0, m, 0.1) for m in ("a", "d") for _ in range(2)),
+        *(request(0.2, "b", 0.1) for _ in range(2)),
+        request(0.3, "a", 3.2),
+        request(0.4, "b", 5.0),
+        request(1.5, "w", 1.5),
+        request(4.0, "big", 0.3),
+        request(4.5, "c", 0.3),
     ],
     "expected": {
         "switch-per-request": [
-            ("sleep", "d"), ("sleep", "a"), ("wake", "w"),
-            ("sleep", "b"), ("sleep", "w"), ("wake", "big"),  # b least recently active
+            ("sleep", "d"), ("sleep", "a"), ("wake", "w"),  # idle d, then the least recent
+            ("sleep", "b"), ("sleep", "w"), ("wake", "big"),
             ("wake", "c"),  # behind big, in what big left free
         ],
         "batched": [
             ("sleep", "d"), ("sleep", "a"), ("wake", "w"),
             ("wake", "c"),  # backfilled while big is held up
-            ("sleep", "w"), ("sleep", "c"), ("wake", "big"),  # big's bound passed
+            ("sleep", "c"), ("sleep", "w"), ("wake", "big"),  # idle since 4.8 and 5.0
         ],
     },
 }  # fmt: skip
@@ -149,7 +154,7 @@ BACKFILL = {
 class FakeModel:
     """An instance's worker and controller, doing with requests what the real
     controller does; ``log`` gets ("sleep", model) when the daemon first asks
-    it to sleep in a turn, ("wake", model) when its lease is granted."""
+    it to sleep in a turn (the daemon waits for the answer)."""
 
     def __init__(self, path: str, model: str, log: list, pinned: bool, knobs: dict, chunks: int):
         self.model, self.log, self.chunks = model, log, chunks
@@ -170,10 +175,8 @@ class FakeModel:
         assert reply["ok"], reply
         threading.Thread(target=self._answer, daemon=True).start()
 
-    def wake(self, log: bool = True) -> None:
-        ids, fds = self.worker.lease(self.chunks)
-        if log:
-            self.log.append(("wake", self.model))
+    def wake(self) -> None:
+        ids, fds = self.worker.lease(self.chunks)  # the daemon logs the grant (live())
         self.ids, self.fds = ids, fds
         self.worker.set_state("awake")
         with self.lock:
@@ -271,11 +274,25 @@ def live(tmp_path, scenario: dict, policy: str, awake: list[str]) -> list[tuple[
     # A lease waits up to 60 s: the daemon caps max_wait_s at half of it, the default 30.
     daemon = LiveDaemon(path, scenario["pool"], 64 << 10, wait_timeout=60, policy=policy)
     log: list = []
+    # Grants are logged by the daemon as it makes them, under its lock: a fake's
+    # own thread, once its lease returns, could log two grants of one moment
+    # the other way round on a loaded machine.
+    books, lease = daemon.daemon, daemon.daemon.pool.lease
+    playing = threading.Event()
+
+    def granted(instance: int, n: int, want=()):
+        ids = lease(instance, n, want)
+        if playing.is_set():
+            log.append(("wake", books.instances[instance].model))
+        return ids
+
+    books.pool.lease = granted
     fakes = {name: FakeModel(path, name, log, pinned, knobs, chunks)
              for name, (pinned, knobs, chunks) in _models(scenario)}  # fmt: skip
     try:
         for name in awake:  # in the simulator's order: the first the least recently active
-            fakes[name].wake(log=False)
+            fakes[name].wake()
+        playing.set()
         start = time.monotonic()
         for r in scenario["trace"]:
             time.sleep(max(0.0, start + r.time - time.monotonic()))

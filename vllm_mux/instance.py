@@ -535,7 +535,7 @@ class Instance:
         except BaseException:
             for chunk in chunks:
                 self.backend.release(chunk)
-            if getattr(self.backend, "transport", "fd") == "fd":
+            if self.backend.transport == "fd":
                 for fd in fds[len(chunks) + 1 :]:
                     os.close(fd)
             raise
@@ -574,9 +574,7 @@ class Instance:
             while True:
                 if self._up:
                     try:
-                        return self.client.lease_back(
-                            chunks, want, getattr(self.backend, "tgid", None)
-                        )
+                        return self.client.lease_back(chunks, want, self.backend.tgid)
                     except Disconnected:
                         self._hang_up()
                 if self.lost:
@@ -650,7 +648,7 @@ class Instance:
             held = [(i, c) for a in arenas for i, c in zip(self.leases[id(a)], a.chunks)]
             fds = []
             try:  # chunks that travel as handles need nothing: the daemon knows them
-                if getattr(self.backend, "transport", "fd") == "fd":
+                if self.backend.transport == "fd":
                     for _, chunk in held:
                         fds.append(self.backend.share(chunk))
             except (OSError, RuntimeError) as e:  # out of fds; a driver error on cuda

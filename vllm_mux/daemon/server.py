@@ -525,7 +525,7 @@ class Daemon:
                 raise ValueError("hello was already said on this connection")
             if message.get("role") != "instance":
                 return self._ok(), None, 0
-            handles = getattr(self.backend, "transport", "fd") == "handle"
+            handles = self.backend.transport == "handle"
             if handles and fds:
                 raise ValueError(
                     f"a hello to a daemon of {self.backend.name} chunks brings no fds: they "
@@ -661,7 +661,7 @@ class Daemon:
             want = message.get("want", [])
             if not isinstance(want, list) or not all(type(i) is int for i in want):
                 raise ValueError("want names a list of chunk ids")
-            if getattr(self.backend, "transport", "fd") == "fd":
+            if self.backend.transport == "fd":
                 ids, intact = self._lease(me, n, want)
                 fds = [self.backend.export(self.chunks[i]) for i in ids]
                 return self._ok(ids=ids, intact=intact), fds

@@ -257,6 +257,8 @@ class Chunk:
 class Backend:
     name = "cpu"
     device_type = "cpu"  # torch device type of tensors over this memory
+    transport = "fd"  # a lease carries the chunks' memfds
+    tgid = None  # nobody to whitelist: an fd is its own permission
     granularity = mmap.PAGESIZE
     identity = "cpu"  # what the daemon and an instance compare to agree on the device
 

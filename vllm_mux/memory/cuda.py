@@ -107,6 +107,8 @@ class _DeviceRange:
 class Backend:
     name = "cuda"
     device_type = "cuda"  # torch device type of tensors over this memory
+    transport = "fd"  # a lease carries the chunks' exported POSIX fds
+    tgid = None  # nobody to whitelist: an fd is its own permission
 
     def __init__(self, index: int = 0):
         _check(driver.cuInit(0), "cuInit")
