@@ -15,8 +15,8 @@ breaks (the daemon crashed, or was stopped for an upgrade) it reconnects,
 trying for RECONNECT_S (client.py), and says hello again with the chunks the
 instance still holds, one fd each (none where chunks travel as handles: an
 NPU's, which a new daemon makes anew once they are let go), for the new
-daemon's books (see daemon/server.py). Meanwhile an awake instance serves on: computing needs no
-daemon. A sleep goes ahead (it unmaps and lets the chunks go; the next hello
+daemon's books (see daemon/server.py). Meanwhile an awake instance serves
+on: computing needs no daemon. A sleep goes ahead (it unmaps and lets the chunks go; the next hello
 names only what is still held). Only a lease needs the daemon: it waits for
 it up to GAP_WAIT_S, then fails, and the wake that needed it answers 503 with
 Retry-After. An instance that cannot reconnect in RECONNECT_S fails every
